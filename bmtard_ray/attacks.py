@@ -1,0 +1,89 @@
+"""Training-time attacks, hand-written for control and speed (REFERENCE §1.1 and §4).
+
+All work in [0, 1] pixel space (normalisation, if any, lives inside the model), put the model in eval mode
+for the attack and restore its previous mode afterwards (BN uses running statistics and is not updated),
+and take the gradient with ``torch.autograd.grad`` with respect to the input only: the model's parameters
+get no ``.grad`` and an attack step costs one forward and one backward pass.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmtard_ray.losses import kl_student_student
+
+LossFn = Callable[[Tensor], Tensor]  # logits of the attacked input -> scalar to *maximise*
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch to eval mode and restore the previous mode, whatever it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def perturb(model: nn.Module, x: Tensor, objective: LossFn, *, eps: float, step_size: float, steps: int,
+            start: str = "gaussian", init_std: float = 0.001) -> Tensor:
+    """L-inf PGD: ``steps`` signed-gradient ascent steps on ``objective``, projected and clamped each step.
+
+    ``start``: "gaussian" (x + init_std * N(0, 1), as the released B-MTARD/TRADES code), "uniform"
+    (x + U(-eps, eps), Madry) or "none". The returned tensor is detached.
+    """
+    x = x.detach()
+    if start == "gaussian":
+        x_adv = x + init_std * torch.randn_like(x)
+    elif start == "uniform":
+        x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+    elif start == "none":
+        x_adv = x.clone()
+    else:
+        raise ValueError(f"unknown start '{start}'")
+    # The released code does not clamp the random start; the first projection does.
+    with eval_mode(model):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = objective(model(x_adv))
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    return x_adv.detach()
+
+
+def pgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,
+           start: str = "gaussian", init_std: float = 0.001) -> Tensor:
+    """Maximise cross-entropy against the true labels (B-MTARD, MTARD, ARD, SAT)."""
+    def objective(logits: Tensor) -> Tensor:
+        # Summed, not averaged: the sign of the gradient is the same, and the sum does not shrink the
+        # gradient toward bf16 underflow for large batches.
+        return F.cross_entropy(logits.float(), y, reduction="sum")
+    return perturb(model, x, objective, eps=eps, step_size=step_size, steps=steps, start=start, init_std=init_std)
+
+
+def pgd_trades(model: nn.Module, x: Tensor, *, eps: float, step_size: float, steps: int,
+               init_std: float = 0.001) -> Tensor:
+    """TRADES' inner maximisation: KL(S(x) || S(x_adv)) from x + 0.001 N(0, 1)."""
+    with torch.no_grad(), eval_mode(model):
+        clean_logits = model(x).float()
+
+    def objective(logits: Tensor) -> Tensor:
+        return kl_student_student(clean_logits, logits) * x.shape[0]
+    return perturb(model, x, objective, eps=eps, step_size=step_size, steps=steps, start="gaussian", init_std=init_std)
+
+
+def pgd_soft_label(model: nn.Module, x: Tensor, soft_labels: Tensor, *, eps: float, step_size: float,
+                   steps: int, init_std: float = 0.001) -> Tensor:
+    """RSLAD's inner maximisation: KL(teacher soft labels || S(x_adv)), summed."""
+    p = soft_labels.detach().float()
+
+    def objective(logits: Tensor) -> Tensor:
+        return (p * (torch.log(p.clamp_min(1e-12)) - F.log_softmax(logits.float(), dim=1))).sum()
+    return perturb(model, x, objective, eps=eps, step_size=step_size, steps=steps, start="gaussian", init_std=init_std)

@@ -1,0 +1,286 @@
+"""One training step per method (REFERENCE §1 and §4): pure torch, no I/O, no host sync.
+
+A task's ``step(x, y)`` crafts its adversarial batch, runs the passes, updates its balance state and
+returns the loss to back-propagate plus a row of detached statistics; the loop only calls it, steps the
+optimizer and collects the rows. The teachers are frozen, run under ``no_grad`` and are never wrapped in
+DDP; the attack runs on the *unwrapped* student so its passes trigger no gradient all-reduce.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmtard_ray import attacks
+from bmtard_ray.balance import EntropyBalance, LossBalance
+from bmtard_ray.config import EBBConfig, RunConfig
+from bmtard_ray.losses import distill_kl, kl_student_student, mean_entropy, reduce_elements
+
+# Per-iteration statistics every task returns, in this order. NaN where a method has no such quantity.
+# For the distillation methods the values are those of the global batch (all-reduced across workers).
+ROW_COLUMNS = ("loss", "L_adv", "L_nat", "H_adv", "H_nat", "tau_adv", "tau_nat", "w_adv", "w_nat")
+# Per-iteration counts, summed over the epoch and across workers by the loop.
+COUNT_COLUMNS = ("correct_adv", "correct_nat", "seen_adv", "seen_nat", "n")
+
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor     # scalar with grad
+    row: Tensor      # (len(ROW_COLUMNS),) detached
+    counts: Tensor   # (len(COUNT_COLUMNS),) detached
+
+
+@dataclass
+class Teachers:
+    clean: nn.Module | None = None
+    robust: nn.Module | None = None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A teacher: eval mode for good, no parameter wants a gradient."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Task(ABC):
+    """Base class. ``model`` may be a DDP wrapper; ``raw`` is the plain student it wraps."""
+
+    name = "base"
+    needs = ()  # teacher roles this method requires
+
+    def __init__(self, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int, *,
+                 reduce_mean: ReduceFn = _identity, autocast: Callable[[], ContextManager[Any]] = nullcontext) -> None:
+        self.model, self.raw, self.cfg, self.teachers = model, raw, cfg, teachers
+        self.num_classes = num_classes
+        self.reduce_mean = reduce_mean
+        self.autocast = autocast
+        for role in self.needs:
+            if getattr(teachers, role) is None:
+                raise ValueError(f"method {self.name} needs a {role} teacher")
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _nan(self, ref: Tensor) -> Tensor:
+        return torch.full((), math.nan, device=ref.device)
+
+    def _counts(self, y: Tensor, adv_logits: Tensor | None, nat_logits: Tensor | None) -> Tensor:
+        zero = torch.zeros((), device=y.device)
+        n = torch.full((), float(y.shape[0]), device=y.device)
+        ca = (adv_logits.argmax(1) == y).sum().float() if adv_logits is not None else zero
+        cn = (nat_logits.argmax(1) == y).sum().float() if nat_logits is not None else zero
+        return torch.stack([ca, cn, n if adv_logits is not None else zero, n if nat_logits is not None else zero, n])
+
+    def _attack_ce(self, x: Tensor, y: Tensor, start: str = "gaussian") -> Tensor:
+        a = self.cfg.attack
+        with self.autocast():
+            return attacks.pgd_ce(self.raw, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, start=start,
+                                  init_std=a.init_std)
+
+    # --- interface -----------------------------------------------------------------------------------
+    @abstractmethod
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        """One iteration on a batch: attack, passes, balance update; returns the loss and statistics."""
+
+    def decay(self, factor: float) -> None:
+        """Called by the loop at the start of every epoch with the schedule's multiplier."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class BMTARD(Task):
+    """Balanced multi-teacher distillation (REFERENCE §1); ``ebb.enabled=False`` gives MTARD."""
+
+    name = "bmtard"
+    needs = ("clean", "robust")
+
+    def __init__(self, *args: Any, ebb: EBBConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        device = next(self.raw.parameters()).device
+        self.ebb = EntropyBalance(ebb or self.cfg.ebb, self.num_classes, device)
+        self.nlb = LossBalance(self.cfg.nlb, device)
+
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        lc = self.cfg.loss
+        # 1. Attack the student alone (eval-mode BN, CE on the true labels, Gaussian start).
+        x_adv = self._attack_ce(x, y)
+        # 2. Two separate train-mode student passes; frozen teachers under no_grad.
+        self.model.train()
+        with self.autocast():
+            s_adv = self.model(x_adv)
+            s_nat = self.model(x)
+            with torch.no_grad():
+                t_adv = self.teachers.robust(x_adv)
+                t_nat = self.teachers.clean(x)
+        # 3. Losses at the temperatures from *before* this iteration's EBB update.
+        tau = self.ebb.tau.clone()
+        l_adv, p_adv = distill_kl(t_adv, s_adv, tau[0], reduction=lc.reduction, log_eps=lc.log_eps)
+        l_nat, p_nat = distill_kl(t_nat, s_nat, tau[1], reduction=lc.reduction, log_eps=lc.log_eps)
+        l_adv, l_nat = l_adv * lc.scale, l_nat * lc.scale
+        # Global-batch statistics: one all-reduce so every rank takes the same balance step.
+        stats = self.reduce_mean(torch.stack([l_adv.detach(), l_nat.detach(), mean_entropy(p_adv), mean_entropy(p_nat)]))
+        # 4. EBB (affects the next iteration). 5. NLB (its new weights are used right now).
+        self.ebb.step(stats[2], stats[3])
+        self.nlb.step(stats[0], stats[1])
+        w_adv, w_nat = (w.clone() for w in self.nlb.weights())
+        # 6. The loss to back-propagate; tau and w carry no gradient.
+        loss = w_adv * l_adv + w_nat * l_nat
+        global_loss = w_adv * stats[0] + w_nat * stats[1]
+        row = torch.stack([global_loss, stats[0], stats[1], stats[2], stats[3], tau[0], tau[1], w_adv, w_nat])
+        return StepOutput(loss, row.detach(), self._counts(y, s_adv.detach(), s_nat.detach()))
+
+    def decay(self, factor: float) -> None:
+        self.ebb.decay(factor)
+        self.nlb.decay(factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ebb": self.ebb.state_dict(), "nlb": self.nlb.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ebb.load_state_dict(state["ebb"])
+        self.nlb.load_state_dict(state["nlb"])
+
+
+class MTARD(BMTARD):
+    """The ECCV version: NLB on, temperatures fixed at 1 (no EBB)."""
+
+    name = "mtard"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, ebb=EBBConfig(enabled=False, tau_adv_init=1.0, tau_nat_init=1.0), **kwargs)
+
+
+class Natural(Task):
+    """Cross-entropy on clean images (also trains the clean teacher)."""
+
+    name = "natural"
+
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        self.model.train()
+        with self.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        nan = self._nan(loss)
+        row = self.reduce_mean(torch.stack([loss.detach(), nan, loss.detach(), nan, nan, nan, nan, nan, nan]))
+        return StepOutput(loss, row, self._counts(y, None, logits.detach()))
+
+
+class SAT(Task):
+    """Madry PGD adversarial training: CE on PGD-10 examples with a uniform start."""
+
+    name = "sat"
+
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        x_adv = self._attack_ce(x, y, start="uniform")
+        self.model.train()
+        with self.autocast():
+            logits = self.model(x_adv)
+        loss = F.cross_entropy(logits.float(), y)
+        nan = self._nan(loss)
+        row = self.reduce_mean(torch.stack([loss.detach(), loss.detach(), nan, nan, nan, nan, nan, nan, nan]))
+        return StepOutput(loss, row, self._counts(y, logits.detach(), None))
+
+
+class TRADES(Task):
+    """CE(clean) + beta * KL(S(x) || S(x_adv)); the attack maximises that KL."""
+
+    name = "trades"
+
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        a, m = self.cfg.attack, self.cfg.method
+        with self.autocast():
+            x_adv = attacks.pgd_trades(self.raw, x, eps=a.eps, step_size=m.trades_step_size, steps=a.steps,
+                                       init_std=a.init_std)
+        self.model.train()
+        with self.autocast():
+            s_nat = self.model(x)
+            s_adv = self.model(x_adv)
+        l_nat = F.cross_entropy(s_nat.float(), y)
+        l_adv = kl_student_student(s_nat, s_adv)
+        loss = l_nat + m.trades_beta * l_adv
+        nan = self._nan(loss)
+        row = self.reduce_mean(torch.stack([loss.detach(), l_adv.detach(), l_nat.detach(), nan, nan, nan, nan, nan, nan]))
+        return StepOutput(loss, row, self._counts(y, s_adv.detach(), s_nat.detach()))
+
+
+class ARD(Task):
+    """alpha * T^2 * KL(T_robust(x)/T || S(x_adv)/T) + (1 - alpha) * CE(S(x), y); CE attack on the student."""
+
+    name = "ard"
+    needs = ("robust",)
+
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        m, lc = self.cfg.method, self.cfg.loss
+        x_adv = self._attack_ce(x, y)
+        self.model.train()
+        t = m.ard_temperature
+        with self.autocast():
+            s_adv = self.model(x_adv)
+            s_nat = self.model(x) if m.ard_alpha < 1 else None
+            with torch.no_grad():
+                t_nat = self.teachers.robust(x)
+        p = F.softmax(t_nat.float() / t, dim=1)
+        kl = reduce_elements(p * (torch.log(p.clamp_min(1e-12)) - F.log_softmax(s_adv.float() / t, dim=1)), lc.reduction)
+        l_adv = m.ard_alpha * t * t * kl
+        l_nat = (1 - m.ard_alpha) * F.cross_entropy(s_nat.float(), y) if s_nat is not None else torch.zeros_like(l_adv)
+        loss = l_adv + l_nat
+        nan = self._nan(loss)
+        row = self.reduce_mean(torch.stack([loss.detach(), l_adv.detach(), l_nat.detach(), nan, nan, nan, nan, nan, nan]))
+        return StepOutput(loss, row, self._counts(y, s_adv.detach(), None if s_nat is None else s_nat.detach()))
+
+
+class RSLAD(Task):
+    """Robust teacher's soft labels on clean x as targets for S(x) (1/6) and S(x_adv) (5/6)."""
+
+    name = "rslad"
+    needs = ("robust",)
+
+    def step(self, x: Tensor, y: Tensor) -> StepOutput:
+        a, m, lc = self.cfg.attack, self.cfg.method, self.cfg.loss
+        with torch.no_grad(), self.autocast():
+            t_nat = self.teachers.robust(x)
+        p = F.softmax(t_nat.float(), dim=1)
+        with self.autocast():
+            x_adv = attacks.pgd_soft_label(self.raw, x, p, eps=a.eps, step_size=a.step_size, steps=a.steps,
+                                           init_std=a.init_std)
+        self.model.train()
+        with self.autocast():
+            s_adv = self.model(x_adv)
+            s_nat = self.model(x)
+        l_adv, _ = distill_kl(t_nat, s_adv, 1.0, reduction=lc.reduction, log_eps=lc.log_eps)
+        l_nat, _ = distill_kl(t_nat, s_nat, 1.0, reduction=lc.reduction, log_eps=lc.log_eps)
+        loss = m.rslad_adv_weight * l_adv + m.rslad_nat_weight * l_nat
+        nan = self._nan(loss)
+        row = self.reduce_mean(torch.stack([loss.detach(), l_adv.detach(), l_nat.detach(), nan, nan, nan, nan,
+                                            torch.full_like(loss, m.rslad_adv_weight).detach(),
+                                            torch.full_like(loss, m.rslad_nat_weight).detach()]))
+        return StepOutput(loss, row, self._counts(y, s_adv.detach(), s_nat.detach()))
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (BMTARD, MTARD, Natural, SAT, TRADES, ARD, RSLAD)}
+
+
+def teacher_roles(method: str) -> tuple[str, ...]:
+    return TASKS[method].needs
+
+
+def build_task(method: str, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int,
+               **kwargs: Any) -> Task:
+    return TASKS[method](model, raw, cfg, teachers, num_classes, **kwargs)
