@@ -1,0 +1,375 @@
+"""The training loop: epochs, schedule, validation, checkpoints, trace and final evaluation.
+
+It knows nothing about Ray. Whoever runs it passes a ``report(metrics, checkpoint)`` callable (the local
+runner writes the checkpoint to disk; the Ray Train layer hands it to ``ray.train.report``) and, for data
+parallelism, an initialised torch.distributed process group (see :mod:`bmtard_ray.dist`).
+Inside an epoch nothing waits on the device: the per-iteration statistics are stacked on the device and
+moved to the host once, at the end of the epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from bmtard_ray import io
+from bmtard_ray.config import EvalConfig, RunConfig, TeacherConfig, to_dict
+from bmtard_ray.data import BatchLoader, DatasetInfo, Split, load_dataset, make_reference_loader, stratified_subset, train_val_split
+from bmtard_ray.dist import DistContext
+from bmtard_ray.engine import COUNT_COLUMNS, ROW_COLUMNS, Teachers, Task, build_task, freeze, teacher_roles
+from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.models import build_model, load_weights, pyautoattack_resnet18_path
+
+Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+EpochLogger = Callable[[dict[str, Any]], None]
+
+TRACE_COLUMNS = ("iteration", "epoch") + ROW_COLUMNS
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def schedule_factor(epoch: int, milestones: tuple[int, ...], gamma: float) -> float:
+    """Multiplier for lr, eta_tau and rho in (1-based) ``epoch``: gamma ** (milestones reached)."""
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+def autocast_for(device: torch.device, fast: bool) -> Callable[[], ContextManager[Any]]:
+    """bf16 autocast on CUDA when ``fast``; fp32 otherwise (CPU autocast is slower than fp32 here)."""
+    if fast and device.type == "cuda":
+        return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split
+    test: Split
+    info: DatasetInfo
+
+
+def prepare_data(cfg: RunConfig) -> DataBundle:
+    """Load the dataset, carve the validation split from the training set, apply the CPU-preset subsets."""
+    d = cfg.data
+    train, test, info = load_dataset(d.dataset, d.root, download=d.download)
+    if d.val_size >= len(train):
+        raise ConfigError(f"data.val_size ({d.val_size}) must be smaller than the training set ({len(train)})")
+    train, val = train_val_split(train, d.val_size, d.split_seed)
+    if d.train_subset is not None and d.train_subset < len(train):
+        train = stratified_subset(train, d.train_subset, d.split_seed)
+    if d.test_subset is not None and d.test_subset < len(test):
+        test = stratified_subset(test, d.test_subset, d.split_seed)
+    return DataBundle(train, val, test, info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model files: the format every saved model (student or teacher) uses, readable with weights_only=True.
+
+
+def model_record(model: nn.Module, arch: str, info: DatasetInfo, cfg: RunConfig, extra: dict[str, Any] | None = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
+    return {"format": "bmtard_ray.model/1", "arch": arch, "num_classes": info.num_classes, "dataset": info.name,
+            "mean": list(mean) if mean else None, "std": list(std) if std else None,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": to_dict(cfg), **(extra or {})}
+
+
+def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
+    """Build a frozen teacher from its checkpoint (ours, a public one, or the pyautoattack ResNet-18)."""
+    if not tc.checkpoint:
+        raise ConfigError(f"no checkpoint for the {role} teacher: run through run_train.py (which trains and caches "
+                          f"the teachers) or set teachers.{role}.checkpoint")
+    path = pyautoattack_resnet18_path() if tc.checkpoint == "pyautoattack" else Path(tc.checkpoint)
+    if tc.checkpoint == "pyautoattack" and info.num_classes != 10:
+        raise CheckpointError(f"the pyautoattack ResNet-18 is a 10-class CIFAR-10 model; dataset {info.name} has "
+                              f"{info.num_classes} classes")
+    arch, mean, std = tc.arch, tc.mean, tc.std
+    record = io.peek_model_record(path)
+    if record is not None:  # our own format carries its architecture and normalisation
+        arch = record["arch"]
+        mean = tuple(record["mean"]) if record.get("mean") else mean
+        std = tuple(record["std"]) if record.get("std") else std
+        if record["num_classes"] != info.num_classes:
+            raise CheckpointError(f"{role} teacher {path} has {record['num_classes']} classes but dataset {info.name} "
+                                  f"has {info.num_classes}")
+    if tc.checkpoint == "pyautoattack":
+        arch = "resnet18"
+    model = build_model(arch, info.num_classes, mean=mean, std=std)
+    load_weights(model, path)
+    return freeze(model.to(device))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0                                   # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[Tensor] = field(default_factory=list)  # one (iters, len(TRACE_COLUMNS)) CPU tensor per epoch
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Holds everything one run needs; ``fit()`` runs the remaining epochs."""
+
+    def __init__(self, cfg: RunConfig, *, data: DataBundle | None = None, device: torch.device | None = None,
+                 dist: DistContext | None = None, report: Reporter | None = None,
+                 log: EpochLogger | None = None) -> None:
+        self.cfg = cfg
+        self.dist = dist or DistContext()
+        self.device = device or select_device(cfg.device)
+        self.report = report
+        self.log = log
+        seed_everything(cfg.seed)
+        self.data = data or prepare_data(cfg)
+        info = self.data.info
+        o = cfg.optim
+        if o.batch_size % self.dist.world_size:
+            raise ConfigError(f"optim.batch_size ({o.batch_size}) must be divisible by the number of workers "
+                              f"({self.dist.world_size})")
+        self.local_batch = o.batch_size // self.dist.world_size
+        roles = teacher_roles(cfg.method.name)
+        self.teachers = Teachers(**{r: load_teacher(r, getattr(cfg.teachers, r), info, self.device) for r in roles})
+        self.fast = cfg.fast and self.device.type == "cuda"
+        self.student = build_model(cfg.student, info.num_classes).to(self.device)
+        if self.fast:
+            self.student = self.student.to(memory_format=torch.channels_last)
+            for t in (self.teachers.clean, self.teachers.robust):
+                if t is not None:
+                    t.to(memory_format=torch.channels_last)
+        self.model = self.dist.wrap(self.student, self.device)
+        raw, model = self.student, self.model
+        if cfg.compile:
+            raw = torch.compile(self.student)
+            model = torch.compile(self.model)
+        self.autocast = autocast_for(self.device, self.fast)
+        self.task: Task = build_task(cfg.method.name, model, raw, cfg, self.teachers, info.num_classes,
+                                     reduce_mean=self.dist.all_reduce_mean, autocast=self.autocast)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=o.lr, momentum=o.momentum,
+                                         weight_decay=o.weight_decay)
+        self.loader = self._make_loader()
+        self.state = TrainState()
+        self.val_subset = (stratified_subset(self.data.val, cfg.val_examples, cfg.seed)
+                           if cfg.val_examples and len(self.data.val) > cfg.val_examples else self.data.val)
+
+    def _make_loader(self) -> Any:
+        d, o = self.cfg.data, self.cfg.optim
+        if d.loader == "reference":
+            # The released code's way: CPU DataLoader with worker processes, host-to-device copy per step.
+            return make_reference_loader(self.data.train, self.local_batch, shuffle=True, augment=d.augment,
+                                         num_workers=d.num_workers, seed=self.cfg.seed + self.dist.rank)
+        return BatchLoader(self.data.train, self.local_batch, shuffle=True, augment=d.augment, device=self.device,
+                           seed=self.cfg.seed, drop_last=True, rank=self.dist.rank, world_size=self.dist.world_size,
+                           channels_last=self.fast)
+
+    # --- checkpoint state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": "bmtard_ray.checkpoint/1", "epoch": self.state.epoch, "config": to_dict(self.cfg),
+                "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "task": self.task.state_dict(),
+                "history": self.state.history, "trace": self.state.trace, "rng": _rng_state(),
+                "world_size": self.dist.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != "bmtard_ray.checkpoint/1":
+            raise CheckpointError("not a bmtard_ray training checkpoint (missing format tag)")
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.task.load_state_dict(state["task"])
+        self.state = TrainState(epoch=int(state["epoch"]), history=list(state["history"]), trace=list(state["trace"]))
+        _set_rng_state(state["rng"])
+
+    # --- one epoch -------------------------------------------------------------------------------------
+    def _set_schedule(self, epoch: int) -> float:
+        o = self.cfg.optim
+        factor = schedule_factor(epoch, o.milestones, o.gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * factor
+        self.task.decay(factor)
+        return factor
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        factor = self._set_schedule(epoch)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        rows: list[Tensor] = []
+        counts = torch.zeros(len(COUNT_COLUMNS), device=self.device)
+        start = time.perf_counter()
+        for x, y in self.loader:
+            if x.device != self.device:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+            out = self.task.step(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            rows.append(out.row)
+            counts += out.counts
+            if self.cfg.sync_every_step:
+                out.loss.item()  # reference mode: the released code logs a Python float every step
+        # One host sync per epoch: the stacked rows and the summed counts.
+        counts = self.dist.all_reduce_sum(counts).cpu()
+        table = torch.stack(rows).float().cpu() if rows else torch.zeros(0, len(ROW_COLUMNS))
+        seconds = time.perf_counter() - start
+        first_iter = sum(t.shape[0] for t in self.state.trace)
+        idx = torch.arange(first_iter, first_iter + table.shape[0], dtype=torch.float32).unsqueeze(1)
+        ep = torch.full_like(idx, float(epoch))
+        self.state.trace.append(torch.cat([idx, ep, table], dim=1))
+        c = dict(zip(COUNT_COLUMNS, counts.tolist()))
+        means = table.nanmean(0).tolist() if table.shape[0] else [math.nan] * len(ROW_COLUMNS)
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": self.cfg.optim.lr * factor, "seconds": seconds,
+                                   "images_per_s": c["n"] / seconds if seconds > 0 else math.nan}
+        metrics.update({f"train_{k}": v for k, v in zip(ROW_COLUMNS, means) if k in ("loss", "L_adv", "L_nat")})
+        last = table[-1].tolist() if table.shape[0] else [math.nan] * len(ROW_COLUMNS)
+        metrics.update({k: v for k, v in zip(ROW_COLUMNS, last) if k.startswith(("tau", "w_"))})
+        metrics.update({"H_adv": means[ROW_COLUMNS.index("H_adv")], "H_nat": means[ROW_COLUMNS.index("H_nat")]})
+        metrics["train_acc_adv"] = 100 * c["correct_adv"] / c["seen_adv"] if c["seen_adv"] else math.nan
+        metrics["train_acc_nat"] = 100 * c["correct_nat"] / c["seen_nat"] if c["seen_nat"] else math.nan
+        return metrics
+
+    # --- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, split: Split, attacks: tuple[str, ...], n_examples: int | None = None,
+                 source_model: nn.Module | None = None, progress: bool = False) -> dict[str, Any]:
+        """Evaluate the student on ``split``, sharded over ranks; returns accuracies and W-Robust (percent)."""
+        from bmtard_ray.evaluation import evaluate, w_robust
+
+        ec = self.cfg.eval
+        if n_examples is not None and n_examples < len(split):
+            split = stratified_subset(split, n_examples, ec.seed)
+        ws, rank = self.dist.world_size, self.dist.rank
+        shard = split.subset(torch.arange(rank, len(split), ws)) if ws > 1 else split
+        cfg = EvalConfig(attacks=attacks, eps=ec.eps, n_examples=None, batch_size=ec.batch_size, seed=ec.seed + rank,
+                         headline=ec.headline, square_queries=ec.square_queries,
+                         autoattack_version=ec.autoattack_version)
+        result = evaluate(self.student, shard, cfg, device=self.device, source_model=source_model, progress=progress)
+        # Combine per-rank accuracies into global ones through correct counts.
+        names = list(result.accuracy)
+        correct = torch.tensor([result.accuracy[a] * result.n_examples / 100 for a in names] + [result.n_examples],
+                               dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        correct = self.dist.all_reduce_sum(correct).cpu().tolist()
+        n = correct[-1]
+        acc = {a: 100 * round(c) / n for a, c in zip(names, correct[:-1])}
+        out: dict[str, Any] = {"n_examples": int(n), "accuracy": acc,
+                               "w_robust": {a: w_robust(acc["clean"], v) for a, v in acc.items() if a != "clean"}
+                               if "clean" in acc else {}, "meta": result.meta, "seconds": result.seconds}
+        return out
+
+    def validate(self) -> dict[str, float]:
+        ec = self.cfg.eval
+        res = self.evaluate(self.val_subset, ("clean", ec.headline))
+        return {"val_clean": res["accuracy"]["clean"], "val_robust": res["accuracy"][ec.headline],
+                "val_w_robust": res["w_robust"][ec.headline]}
+
+    # --- the run ---------------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        for epoch in range(self.state.epoch + 1, cfg.optim.epochs + 1):
+            metrics = self.train_epoch(epoch)
+            last = epoch == cfg.optim.epochs
+            if cfg.val_every and (epoch % cfg.val_every == 0 or last):
+                metrics.update(self.validate())
+            if not all(math.isfinite(v) for k, v in metrics.items() if k.startswith("train_loss")):
+                raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {metrics['train_loss']}")
+            self.state.epoch = epoch
+            self.state.history.append(metrics)
+            checkpoint = None
+            if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or last):
+                checkpoint = self.state_dict()
+            if self.report is not None:
+                self.report(metrics, checkpoint)
+            if self.log is not None and self.dist.is_main:
+                self.log(metrics)
+        return self.state
+
+    def trace_table(self) -> Any:
+        import pyarrow as pa
+
+        data = torch.cat(self.state.trace) if self.state.trace else torch.zeros(0, len(TRACE_COLUMNS))
+        cols = {name: data[:, i].numpy() for i, name in enumerate(TRACE_COLUMNS)}
+        cols["iteration"] = cols["iteration"].astype("int64")
+        cols["epoch"] = cols["epoch"].astype("int32")
+        return pa.table(cols)
+
+    def finish(self, run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
+        """Final evaluation on validation and test, then (rank 0) the model file, trace, metrics and summary."""
+        cfg, ec = self.cfg, self.cfg.eval
+        source = self.teachers.robust if any(a.startswith("bb_") for a in ec.attacks) else None
+        if any(a.startswith("bb_") for a in ec.attacks) and source is None:
+            raise ConfigError(f"black-box attacks need a robust teacher; method {cfg.method.name} has none")
+        results = {"val": self.evaluate(self.data.val, ec.attacks, ec.n_examples, source, progress),
+                   "test": self.evaluate(self.data.test, ec.attacks, ec.n_examples, source, progress)}
+        summary = build_summary(cfg, self.state, results, self.data.info)
+        if self.dist.is_main:
+            extra = {"teachers": teacher_provenance(cfg), "summary": summary}
+            io.atomic_torch_save(model_record(self.student, cfg.student, self.data.info, cfg, extra), run_dir / "model.pt")
+            if cfg.trace:
+                io.atomic_parquet(self.trace_table(), run_dir / "trace.parquet")
+            io.atomic_parquet(io.history_table(self.state.history), run_dir / "metrics.parquet")
+            io.atomic_text(json.dumps(summary, indent=2, default=str), run_dir / "summary.json")
+            io.atomic_text(summary_markdown(summary), run_dir / "summary.md")
+        return summary
+
+
+def teacher_provenance(cfg: RunConfig) -> dict[str, Any]:
+    return {role: {"arch": getattr(cfg.teachers, role).arch, "checkpoint": getattr(cfg.teachers, role).checkpoint}
+            for role in teacher_roles(cfg.method.name)}
+
+
+def build_summary(cfg: RunConfig, state: TrainState, results: dict[str, dict[str, Any]], info: DatasetInfo) -> dict[str, Any]:
+    hist = state.history
+    return {"name": cfg.name, "method": cfg.method.name, "student": cfg.student, "dataset": info.name,
+            "epochs": state.epoch, "seed": cfg.seed, "headline": cfg.eval.headline,
+            "train_seconds": sum(h["seconds"] for h in hist),
+            "final_tau": [hist[-1].get("tau_adv"), hist[-1].get("tau_nat")] if hist else None,
+            "final_w": [hist[-1].get("w_adv"), hist[-1].get("w_nat")] if hist else None,
+            "teachers": teacher_provenance(cfg),
+            "results": {split: {"n_examples": r["n_examples"], "accuracy": r["accuracy"], "w_robust": r["w_robust"]}
+                        for split, r in results.items()}}
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    attacks = list(summary["results"]["test"]["accuracy"])
+    lines = [f"# {summary['name']}: {summary['method']} student {summary['student']} on {summary['dataset']}", "",
+             f"{summary['epochs']} epochs, seed {summary['seed']}, training time {summary['train_seconds']:.0f} s.", "",
+             "| split | n | " + " | ".join(attacks) + " | " + " | ".join(f"W-Robust {a}" for a in attacks if a != "clean") + " |",
+             "|---|---:|" + "---:|" * (2 * len(attacks) - 1)]
+    for split, r in summary["results"].items():
+        accs = " | ".join(f"{r['accuracy'][a]:.2f}" for a in attacks)
+        ws = " | ".join(f"{r['w_robust'][a]:.2f}" for a in attacks if a != "clean")
+        lines.append(f"| {split} | {r['n_examples']} | {accs} | {ws} |")
+    return "\n".join(lines) + "\n"
