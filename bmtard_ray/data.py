@@ -1,9 +1,9 @@
-"""Datasets as uint8 tensors, a deterministic validation split, and two loaders.
+"""Datasets as uint8 tensors, a deterministic stratified validation split, and two loaders.
 
 Images are kept as uint8 NCHW tensors: CIFAR-10's 50,000 training images are 150 MB that way, small
 enough to live on the GPU for the whole run (airbench style), where cropping and flipping a batch is a few
 vectorised kernels instead of a CPU DataLoader. The reference loader reproduces the released code's
-pipeline (torchvision transforms in DataLoader workers) so the two can be timed side by side.
+pipeline (PIL + torchvision transforms in DataLoader workers) so that the two can be timed side by side.
 
 CIFAR batches are read with pickle + numpy directly: torchvision's CIFAR10 checks the md5 of the official
 archive and rejects the offline copy built by ``../shared/data/build_cifar10.py``.
@@ -15,6 +15,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,17 +25,30 @@ from bmtard_ray.errors import ConfigError, DataError
 
 DATASET_NAMES = ("cifar10", "cifar100", "tiny-imagenet")
 
+CROP_PADDING = 4  # the standard CIFAR recipe (and the paper's): RandomCrop(32, padding=4) + flip
+
 
 @dataclass(frozen=True)
 class Split:
-    images: Tensor  # uint8 (N, 3, H, W)
-    labels: Tensor  # int64 (N,)
+    """Images and labels of one split: uint8 (N, 3, H, W) and int64 (N,), on any device."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        # Checked once here so that every consumer (loaders, subsets, evaluation) can rely on it.
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise DataError(f"split images must be uint8 (N, 3, H, W), got {self.images.dtype} "
+                            f"{tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1 or len(self.labels) != len(self.images):
+            raise DataError(f"split labels must be int64 (N,) with N = {len(self.images)}, got "
+                            f"{self.labels.dtype} {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: Tensor) -> "Split":
-        indices = torch.as_tensor(indices, dtype=torch.long)
+    def subset(self, indices: Tensor) -> Split:
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.labels.device)
         return Split(self.images[indices].contiguous(), self.labels[indices].contiguous())
 
 
@@ -47,6 +61,7 @@ class DatasetInfo:
     std: tuple[float, float, float]
 
 
+# The usual per-channel statistics of each training set (used only by models that normalise inside).
 _INFO = {
     "cifar10": DatasetInfo("cifar10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": DatasetInfo("cifar100", 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -63,112 +78,164 @@ def dataset_info(name: str) -> DatasetInfo:
 # ---------------------------------------------------------------------------------------------------------
 # Readers
 
+_CIFAR10_HINT = ("build the offline copy with: python ../shared/data/build_cifar10.py --out {root} "
+                 "(or pass --set data.download=true when online)")
+_HINTS = {
+    "cifar10": _CIFAR10_HINT,
+    "cifar100": "pass --set data.download=true when online, or put the official cifar-100-python/ there",
+    "tiny-imagenet": "unzip tiny-imagenet-200 there (a subset for smoke tests: ../shared/data/tiny_imagenet_subset.zip)",
+}
+_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "tiny-imagenet": "tiny-imagenet-200"}
 
-def _unpickle(path: Path) -> dict:
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _hint(name: str, root: Path) -> str:
+    return _HINTS[name].format(root=root)
+
+
+def _unpickle(path: Path, name: str, root: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DataError(f"missing file {path}")
+        raise DataError(f"missing batch file {path}; expected the standard {_FOLDERS[name]}/ folder; "
+                        f"{_hint(name, root)}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as exc:  # truncated or not a pickle at all
-        raise DataError(f"{path} is corrupt or not a CIFAR batch file ({type(exc).__name__})") from exc
+            # latin1: the official files are Python-2 pickles whose str keys/values must come back as str.
+            d = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # truncated, or not a pickle at all
+        raise DataError(f"{path} is corrupt or truncated, not a CIFAR batch pickle ({_one_line(exc)}); "
+                        f"{_hint(name, root)}") from exc
+    if not isinstance(d, dict):
+        raise DataError(f"{path} holds a {type(d).__name__}, expected a CIFAR batch dict")
+    return d
 
 
-def _cifar_arrays(files: list[Path], label_key: str, num_classes: int) -> Split:
+def _read_cifar(files: list[Path], label_key: str, num_classes: int, name: str, root: Path) -> Split:
     images, labels = [], []
     for path in files:
-        d = _unpickle(path)
+        d = _unpickle(path, name, root)
         if "data" not in d or label_key not in d:
-            raise DataError(f"{path} has no '{label_key}'/'data' entries: not a CIFAR batch file")
-        data = np.asarray(d["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != len(d[label_key]):
-            raise DataError(f"{path}: expected data of shape (N, 3072) with N labels, got {data.shape}")
-        images.append(data.reshape(-1, 3, 32, 32))  # rows are the R, G, B planes, each 32x32 row-major
-        labels.append(np.asarray(d[label_key], dtype=np.int64))
-    y = np.concatenate(labels)
-    if y.min() < 0 or y.max() >= num_classes:
-        raise DataError(f"labels out of range [0, {num_classes}) in {files[0].parent}")
-    return Split(torch.from_numpy(np.concatenate(images)).contiguous(), torch.from_numpy(y))
+            raise DataError(f"{path} has no 'data'/'{label_key}' entries: not a {name} batch file")
+        data = d["data"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise DataError(f"{path}: expected 'data' as a uint8 array of shape (N, 3072), got {got}")
+        try:
+            y = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: '{label_key}' is not a list of integers ({_one_line(exc)})") from exc
+        if len(y) != len(data):
+            raise DataError(f"{path}: {len(data)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{path}: labels out of range, expected 0..{num_classes - 1}, "
+                            f"got {int(y.min())}..{int(y.max())}")
+        images.append(data.reshape(-1, 3, 32, 32))  # each row is the R, G, then B plane, 32x32 row-major
+        labels.append(y)
+    x = np.concatenate(images)
+    if len(x) == 0:
+        raise DataError(f"{files[0].parent} holds no images")
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.concatenate(labels)))
 
 
-def _need_folder(folder: Path, name: str, root: Path) -> None:
+def _need_folder(name: str, root: Path) -> Path:
+    folder = root / _FOLDERS[name]
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; for CIFAR-10 offline build it with: "
-                        f"python ../shared/data/build_cifar10.py --out {root} (or pass --set data.download=true)")
+        raise DataError(f"data root {root} does not exist; {_hint(name, root)}")
     if not folder.is_dir():
-        raise DataError(f"{folder} not found: expected the standard {name} folder under {root} "
-                        f"(CIFAR-10 offline: python ../shared/data/build_cifar10.py --out {root})")
+        raise DataError(f"{folder} not found: expected the standard {_FOLDERS[name]}/ folder under {root}; "
+                        f"{_hint(name, root)}")
+    return folder
 
 
 def _download(name: str, root: Path) -> None:
+    """Fetch the official archive with torchvision (online users only); our reader then reads it."""
+    if name == "tiny-imagenet":
+        raise DataError(f"tiny-imagenet cannot be downloaded automatically; {_hint(name, root)}")
     import torchvision
 
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     root.mkdir(parents=True, exist_ok=True)
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
-    if cls is None:
-        raise DataError(f"{name} cannot be downloaded automatically; put it under {root}")
     try:
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
     except Exception as exc:
-        raise DataError(f"downloading {name} into {root} failed ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"downloading {name} into {root} failed ({_one_line(exc)})") from exc
 
 
-def _tiny_imagenet(root: Path) -> tuple[Split, Split]:
+def _decode_images(paths: list[Path], size: int) -> Tensor:
     from PIL import Image
 
-    base = root / "tiny-imagenet-200"
-    _need_folder(base, "tiny-imagenet-200", root)
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("RGB"))  # about 2% of Tiny-ImageNet is greyscale
+        except Exception as exc:
+            raise DataError(f"cannot decode image {p} ({_one_line(exc)})") from exc
+        if arr.shape != (size, size, 3):
+            raise DataError(f"{p} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
+        out[i] = arr
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+
+
+def _read_tiny_imagenet(root: Path) -> tuple[Split, Split]:
+    """Train and val (used as the test split: Tiny-ImageNet's test labels are not public)."""
+    base = _need_folder("tiny-imagenet", root)
     wnids_file = base / "wnids.txt"
     if not wnids_file.is_file():
-        raise DataError(f"missing {wnids_file}")
-    wnids = sorted(w.strip() for w in wnids_file.read_text().split() if w.strip())  # ImageFolder order
+        raise DataError(f"missing {wnids_file} (one wnid per line); {_hint('tiny-imagenet', root)}")
+    wnids = sorted(set(wnids_file.read_text().split()))  # sorted: the class order ImageFolder uses
+    if len(wnids) != 200:
+        raise DataError(f"{wnids_file} lists {len(wnids)} distinct wnids, expected 200")
     index = {w: i for i, w in enumerate(wnids)}
 
-    def load(paths: list[tuple[Path, int]]) -> Split:
-        imgs = np.empty((len(paths), 3, 64, 64), dtype=np.uint8)
-        for i, (p, _) in enumerate(paths):
-            try:
-                with Image.open(p) as im:
-                    imgs[i] = np.asarray(im.convert("RGB").resize((64, 64))).transpose(2, 0, 1)
-            except Exception as exc:
-                raise DataError(f"cannot decode image {p} ({type(exc).__name__})") from exc
-        return Split(torch.from_numpy(imgs), torch.tensor([c for _, c in paths], dtype=torch.int64))
+    train: list[tuple[Path, int]] = []
+    for w in wnids:
+        folder = base / "train" / w / "images"
+        files = sorted(folder.glob("*.JPEG"))
+        if not files:
+            raise DataError(f"{folder} holds no *.JPEG images; expected train/<wnid>/images/*.JPEG for every wnid")
+        train += [(p, index[w]) for p in files]
 
-    train = [(p, index[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
     ann = base / "val" / "val_annotations.txt"
     if not ann.is_file():
-        raise DataError(f"missing {ann}")
-    val = []
-    for line in ann.read_text().splitlines():
+        raise DataError(f"missing {ann}; expected val/images/*.JPEG and val/val_annotations.txt")
+    val: list[tuple[Path, int]] = []
+    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
         parts = line.split("\t")
-        if len(parts) >= 2 and parts[1] in index:
-            val.append((base / "val" / "images" / parts[0], index[parts[1]]))
-    if not train or not val:
-        raise DataError(f"{base} holds no images in the standard layout (train/<wnid>/images/*.JPEG, val/images)")
-    return load(train), load(val)
+        if not line.strip():
+            continue
+        if len(parts) < 2 or parts[1] not in index:
+            raise DataError(f"{ann}:{lineno}: expected '<file>\\t<wnid>...' with a wnid from wnids.txt")
+        val.append((base / "val" / "images" / parts[0], index[parts[1]]))
+    if not val:
+        raise DataError(f"{ann} lists no images")
+
+    def split(items: list[tuple[Path, int]]) -> Split:
+        return Split(_decode_images([p for p, _ in items], 64), torch.tensor([c for _, c in items], dtype=torch.int64))
+
+    return split(train), split(val)
 
 
 def load_dataset(name: str, root: str | os.PathLike, *, download: bool = False) -> tuple[Split, Split, DatasetInfo]:
-    """(train, test, info) for ``name`` from its standard folder under ``root``."""
+    """(train, test, info) for ``name`` from its standard folder under ``root`` (images as uint8 NCHW)."""
     info = dataset_info(name)
     root = Path(root)
+    if download and not (root / _FOLDERS[name]).is_dir():
+        # Only when absent: torchvision would otherwise replace an offline copy whose md5s differ.
+        _download(name, root)
+    folder = _need_folder(name, root)
     if name == "cifar10":
-        folder = root / "cifar-10-batches-py"
-        if download and not folder.is_dir():
-            _download(name, root)
-        _need_folder(folder, "cifar-10-batches-py", root)
-        train = _cifar_arrays([folder / f"data_batch_{i}" for i in range(1, 6)], "labels", 10)
-        test = _cifar_arrays([folder / "test_batch"], "labels", 10)
+        train = _read_cifar([folder / f"data_batch_{i}" for i in range(1, 6)], "labels", 10, name, root)
+        test = _read_cifar([folder / "test_batch"], "labels", 10, name, root)
     elif name == "cifar100":
-        folder = root / "cifar-100-python"
-        if download and not folder.is_dir():
-            _download(name, root)
-        _need_folder(folder, "cifar-100-python", root)
-        train = _cifar_arrays([folder / "train"], "fine_labels", 100)
-        test = _cifar_arrays([folder / "test"], "fine_labels", 100)
+        train = _read_cifar([folder / "train"], "fine_labels", 100, name, root)
+        test = _read_cifar([folder / "test"], "fine_labels", 100, name, root)
     else:
-        train, test = _tiny_imagenet(root)
+        train, test = _read_tiny_imagenet(root)
     return train, test, info
 
 
@@ -176,86 +243,144 @@ def load_dataset(name: str, root: str | os.PathLike, *, download: bool = False) 
 # Splits
 
 
+def _balanced_quota(counts: Tensor, n: int, order: Tensor) -> Tensor:
+    """How many of each class to take: ``n`` in all, as equal as the class sizes allow (water filling).
+
+    Classes too small for their share give it up to the others; the last few that cannot be split evenly
+    go to classes in ``order`` (a seeded permutation, so no class is always favoured).
+    """
+    quota = torch.zeros_like(counts)
+    remaining = n
+    while remaining > 0:
+        open_ = (quota < counts).nonzero().squeeze(1)
+        share = remaining // len(open_)
+        if share == 0:
+            ranked = order[torch.isin(order, open_)]
+            quota[ranked[:remaining]] += 1
+            break
+        add = torch.minimum(counts[open_] - quota[open_], torch.tensor(share))
+        quota[open_] += add
+        remaining -= int(add.sum())
+    return quota
+
+
 def _stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
-    """``n`` indices with (as far as possible) equal counts per class, chosen by a seeded permutation."""
+    """``n`` sorted indices with (as far as possible) equal counts per class, picked by a seeded permutation."""
+    labels = labels.cpu()
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(labels), generator=g)
-    classes = labels.unique()
-    per_class = [perm[labels[perm] == c] for c in classes]
-    base, extra = divmod(n, len(classes))
-    chosen = []
-    for i, idx in enumerate(per_class):
-        want = base + (1 if i < extra else 0)
-        chosen.append(idx[:want])
-    out = torch.cat(chosen)
-    if len(out) < n:  # some class too small: top up from the rest in permutation order
-        rest = perm[~torch.isin(perm, out)]
-        out = torch.cat([out, rest[: n - len(out)]])
-    return out.sort().values
+    # Group the permutation by class while keeping its random order inside each class.
+    by_class = perm[torch.argsort(labels[perm], stable=True)]
+    _, counts = torch.unique_consecutive(labels[by_class], return_counts=True)
+    quota = _balanced_quota(counts, n, torch.randperm(len(counts), generator=g))
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.arange(len(labels)) - torch.repeat_interleave(starts, counts)
+    return by_class[rank_in_class < torch.repeat_interleave(quota, counts)].sort().values
 
 
 def stratified_subset(split: Split, n: int, seed: int) -> Split:
+    """A class-balanced subset of ``n`` examples (the whole split when ``n >= len(split)``)."""
+    if n < 0:
+        raise ConfigError(f"subset size must be >= 0, got {n}")
     if n >= len(split):
         return split
-    return split.subset(_stratified_indices(split.labels, n, seed))
+    return split.subset(_stratified_indices(split.labels, n, seed).to(split.labels.device))
 
 
 def train_val_split(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
-    """Carve a stratified validation split from the training set (tuning never touches the test set)."""
+    """(rest of train, val): a stratified validation split carved from the training set, so that tuning
+    never sees the test set. Deterministic for a given seed."""
     if val_size < 0 or val_size >= len(train):
-        raise ConfigError(f"val_size must be in [0, {len(train)}), got {val_size}")
+        raise ConfigError(f"val_size must be in [0, {len(train)}) (the training set's size), got {val_size}")
     if val_size == 0:
-        return train, Split(train.images[:0], train.labels[:0])
+        return train, train.subset(torch.zeros(0, dtype=torch.long))
     val_idx = _stratified_indices(train.labels, val_size, seed)
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False
-    return train.subset(keep.nonzero().squeeze(1)), train.subset(val_idx)
+    dev = train.labels.device
+    return train.subset(keep.nonzero().squeeze(1).to(dev)), train.subset(val_idx.to(dev))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmentation on the device
+
+
+def crop_flip(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, pad: int = CROP_PADDING) -> Tensor:
+    """Image i of the output is the (H, W) window at column ``dx[i]``, row ``dy[i]`` of ``x[i]`` zero-padded
+    by ``pad`` on every side, mirrored left-right where ``flip[i]``. One gather for the whole batch."""
+    n, c, h, w = x.shape
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = dy.to(dev).view(n, 1) + torch.arange(h, device=dev).view(1, h)                       # (n, h)
+    cols = torch.arange(w, device=dev).view(1, w).expand(n, w)
+    cols = torch.where(flip.to(dev).view(n, 1), w - 1 - cols, cols) + dx.to(dev).view(n, 1)     # (n, w)
+    # Advanced indexing broadcasts to (n, c, h, w): every image reads its own window of the padded batch.
+    return padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
+                  rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = CROP_PADDING) -> Tensor:
+    """Random crop with zero padding ``pad`` and random horizontal flip; randomness from ``generator``
+    (which must live on ``x``'s device)."""
+    n = x.shape[0]
+    dev = generator.device
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    flip = torch.randint(0, 2, (n,), generator=generator, device=dev).bool()
+    return crop_flip(x, dx, dy, flip, pad)
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps): (seed, epoch) pairs never collide the way
+    ``seed * K + epoch`` does, and nearby inputs give unrelated streams."""
+    z = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (z ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z & 0x7FFFFFFFFFFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loaders
 
 
-def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """Random crop with zero padding ``pad`` and random horizontal flip, vectorised over the batch."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
-    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
-    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).to(x.device)   # (n, h)
-    cols = torch.arange(w, device=x.device).view(1, w).expand(n, w)
-    cols = torch.where(flip.to(x.device).view(n, 1), w - 1 - cols, cols) + dx.to(x.device).view(n, 1)  # (n, w)
-    idx_r = rows.view(n, 1, h, 1).expand(n, c, h, w)
-    idx_c = cols.view(n, 1, 1, w).expand(n, c, h, w)
-    # Advanced indexing picks, for every image, its own window of the padded batch (flipped if drawn).
-    return padded[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
-                  idx_r, idx_c]
-
-
 class BatchLoader:
-    """Batches from a split held on ``device`` as uint8; shuffled and augmented there.
+    """Batches ``(x, y)`` from a split held on ``device`` as uint8, shuffled and augmented there.
 
-    The permutation of an epoch comes from a generator seeded with (seed, epoch), identical on every rank;
-    rank r takes every world_size-th index of it, so the ranks together see the global epoch once.
+    ``x`` is ``dtype`` (float32 by default) in [0, 1], NCHW (channels_last memory format on request); ``y``
+    is int64. The epoch's permutation comes from a CPU generator seeded with (seed, epoch), identical on
+    every rank; rank r takes every world_size-th index of it, so the ranks together see the global epoch.
+    Every rank gets the same number of batches: with ``drop_last`` the tail that does not fill a whole
+    batch on every rank is dropped, otherwise the permutation is padded by wrap-around to a multiple of
+    world_size (a few examples then appear twice) and the last batch may be short.
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, augment: bool,
                  device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False) -> None:
+                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
+        if not dtype.is_floating_point:
+            raise ConfigError(f"loader dtype must be a floating point type, got {dtype}")
         self.device = torch.device(device)
+        # One host-to-device copy for the whole run; every batch afterwards is a gather on the device.
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.channels_last = channels_last
+        self.channels_last, self.dtype = channels_last, dtype
         self.epoch = 0
-        per_rank = len(split) // world_size if drop_last else -(-len(split) // world_size)
-        self.per_rank = per_rank
-        self.num_batches = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-        self.num_examples = self.num_batches * batch_size if drop_last else per_rank
+        n = len(split)
+        if drop_last:
+            self.num_batches = n // world_size // batch_size
+            self.per_rank = self.num_batches * batch_size
+        else:
+            self.per_rank = -(-n // world_size)
+            self.num_batches = -(-self.per_rank // batch_size)
+        self.num_examples = self.per_rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -263,57 +388,66 @@ class BatchLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def _indices(self) -> Tensor:
+    def indices(self) -> Tensor:
+        """This rank's example indices for the current epoch, in order (on the CPU)."""
         n = len(self.labels)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch)))
         else:
             perm = torch.arange(n)
         total = self.per_rank * self.world_size
-        if total > n:  # pad by wrap-around so every rank gets the same count
-            perm = torch.cat([perm, perm[: total - n]])
-        return perm[:total][self.rank::self.world_size].to(self.device)
+        if total > n:  # pad by wrap-around so that every rank gets the same count
+            perm = perm[torch.arange(total) % n]
+        return perm[:total][self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        idx = self._indices()
+        idx = self.indices().to(self.device)
         gen = None
         if self.augment:
-            gen = torch.Generator(device=self.device).manual_seed(
-                (self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1)
+            # Per rank and epoch, so that a resumed run redraws the same crops and ranks draw different ones.
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for b in range(self.num_batches):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[sel]
-            if self.augment:
-                x = augment_batch(x, gen)
-            x = x.float().div_(255)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if gen is not None:
+                x = augment_batch(x, gen)  # on uint8: a quarter of the bytes a float crop would move
+            x = x.to(dtype=self.dtype, memory_format=memory_format).div_(255)
             yield x, self.labels[sel]
 
 
-class _TorchDataset(torch.utils.data.Dataset):
+class _ReferenceDataset(torch.utils.data.Dataset):
+    """PIL images through torchvision transforms, one example at a time, as the released code does."""
+
     def __init__(self, split: Split, augment: bool) -> None:
         import torchvision.transforms as T
-        from PIL import Image
 
-        self.split, self.Image = split, Image
-        size = split.images.shape[-1]
-        ops = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if augment else []
+        # HWC numpy once, so that a worker's __getitem__ is just PIL + the transforms.
+        self.images = np.ascontiguousarray(split.images.cpu().permute(0, 2, 3, 1).numpy())
+        self.labels = split.labels.cpu().numpy()
+        size = self.images.shape[1]
+        ops = [T.RandomCrop(size, padding=CROP_PADDING), T.RandomHorizontalFlip()] if augment else []
         self.transform = T.Compose(ops + [T.ToTensor()])
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        img = self.Image.fromarray(self.split.images[i].permute(1, 2, 0).numpy())
-        return self.transform(img), int(self.split.labels[i])
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
 def make_reference_loader(split: Split, batch_size: int, *, shuffle: bool, augment: bool, num_workers: int,
-                          seed: int = 0) -> torch.utils.data.DataLoader:
-    """The released code's pipeline: PIL + torchvision transforms in DataLoader worker processes."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(_TorchDataset(split, augment), batch_size=batch_size, shuffle=shuffle,
+                          seed: int = 0, drop_last: bool | None = None) -> torch.utils.data.DataLoader:
+    """The released code's pipeline: PIL + torchvision transforms in DataLoader worker processes, CPU
+    float batches in [0, 1]. ``drop_last`` defaults to ``shuffle`` (training drops the ragged batch like
+    the device loader does; evaluation keeps every example)."""
+    if batch_size < 1 or num_workers < 0:
+        raise ConfigError(f"batch size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    g = torch.Generator().manual_seed(seed)  # drives the shuffle and the workers' base seed
+    return torch.utils.data.DataLoader(_ReferenceDataset(split, augment), batch_size=batch_size, shuffle=shuffle,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       drop_last=True, generator=g, persistent_workers=num_workers > 0)
+                                       drop_last=shuffle if drop_last is None else drop_last, generator=g,
+                                       persistent_workers=num_workers > 0)
