@@ -120,6 +120,14 @@ def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.
     return freeze(model.to(device))
 
 
+def check_given_teachers(cfg: RunConfig, info: DatasetInfo) -> None:
+    """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained."""
+    for role in teacher_roles(cfg.method.name):
+        tc: TeacherConfig = getattr(cfg.teachers, role)
+        if tc.checkpoint:
+            load_teacher(role, tc, info, torch.device("cpu"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 

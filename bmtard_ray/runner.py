@@ -16,7 +16,7 @@ from rich.table import Table
 from bmtard_ray import io
 from bmtard_ray.config import RunConfig, from_dict, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError
-from bmtard_ray.loop import Trainer, prepare_data
+from bmtard_ray.loop import Trainer, check_given_teachers, prepare_data
 from bmtard_ray.teachers import ensure_teachers
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -36,14 +36,24 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file, or a one-line error."""
+    """A run folder or a checkpoint file -> the checkpoint file, or a one-line error.
+
+    A folder written through Ray Train keeps its checkpoints in ``checkpoint_epochNNNN/checkpoint.pt``;
+    the newest file (of those and a local ``checkpoint.pt``) is the one to continue from."""
     p = Path(path)
     if p.is_dir():
-        p = p / CHECKPOINT_FILE
+        found = [f for f in (p / CHECKPOINT_FILE, *p.glob(f"checkpoint_epoch*/{CHECKPOINT_FILE}")) if f.is_file()]
+        p = max(found, key=lambda f: f.stat().st_mtime) if found else p / CHECKPOINT_FILE
     if not p.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path} (expected a run folder holding {CHECKPOINT_FILE} "
                               "or the file itself)")
     return p
+
+
+def run_dir_of_checkpoint(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to (one level up for Ray Train's checkpoint folders)."""
+    parent = checkpoint.parent
+    return parent.parent if parent.name.startswith("checkpoint_epoch") else parent
 
 
 def load_resume_state(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
@@ -93,9 +103,10 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     state = None
     if resume is not None:
         state, _ = load_resume_state(resume)
-    run_dir = find_checkpoint(resume).parent if resume is not None else run_dir_of(cfg)
+    run_dir = run_dir_of_checkpoint(find_checkpoint(resume)) if resume is not None else run_dir_of(cfg)
     check_run_dir(run_dir, resume=resume is not None, overwrite=overwrite)
     data = prepare_data(cfg)  # fails on a bad data folder before anything is written
+    check_given_teachers(cfg, data.info)  # ... and on a teacher checkpoint that does not fit
     cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=console),
                           log=lambda s: console.print(f"[bold]{s}[/bold]"))
 
