@@ -62,17 +62,22 @@ def safe_load(path: Path, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty")
     if head[:1] == b"<":
         raise CheckpointError(f"{what} {path} is a web page (HTML), not a checkpoint: the download link probably "
                               "returned a login or confirmation page")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError) as exc:
-        raise CheckpointError(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:120]})") from exc
+        raise CheckpointError(f"{what} {path} is truncated or corrupt ({_first_line(exc)})") from exc
     except Exception as exc:  # pickle errors of all kinds: not a torch checkpoint
-        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:120]}" if text else type(exc).__name__
 
 
 def peek_model_record(path: Path) -> dict[str, Any] | None:

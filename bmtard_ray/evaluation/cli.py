@@ -1,0 +1,276 @@
+"""``run_eval.py``: evaluate any checkpoint (ours or a public one) on a split and write the reports.
+
+Our model files (``model.pt`` of a training run, ``format: bmtard_ray.model/1``) carry their architecture,
+class count, dataset, normalisation, teachers and config, so they need no flags. Public checkpoints (plain
+state dicts, possibly wrapped in ``state_dict`` / ``module.``) need ``--arch``. ``pyautoattack`` names the
+standard CIFAR-10 ResNet-18 that the pyautoattack wheel ships.
+
+Every user error (bad flag, missing data, a checkpoint that is an HTML page, truncated, of another
+architecture or class count) ends as ``error: <one line>`` on stderr with exit status 2, and no report is
+written: the reports are written only after the evaluation has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+PYAUTOATTACK = "pyautoattack"  # the alias a teacher config also accepts
+TRAINING_CHECKPOINT = "bmtard_ray.checkpoint/1"  # format tag of the loop's per-epoch checkpoints
+
+
+def parse_eps(text: str) -> float:
+    """``8/255`` or ``0.0314`` -> float (argparse type; a ConfigError would not be caught there)."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"eps must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def parse_attacks(text: str) -> tuple[str, ...]:
+    from bmtard_ray.evaluation import ATTACK_NAMES
+
+    if text.strip() == "all":
+        return ATTACK_NAMES
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not names:
+        raise ConfigError(f"--attacks is empty; give a comma-separated list from: {', '.join(ATTACK_NAMES)} (or all)")
+    return names
+
+
+def _stats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} must be 3 comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bmtard_ray.data import DATASET_NAMES
+    from bmtard_ray.evaluation import ATTACK_NAMES
+    from bmtard_ray.models import MODEL_NAMES
+
+    p = argparse.ArgumentParser(prog="run_eval.py", description="Evaluate a checkpoint under the attacks of the "
+                                "B-MTARD paper and write JSON / Markdown / Parquet reports.")
+    p.add_argument("checkpoint", help=f"model file (ours or a public state dict), or '{PYAUTOATTACK}' for the "
+                   "standard CIFAR-10 ResNet-18 shipped with pyautoattack")
+    p.add_argument("--arch", choices=MODEL_NAMES, help="architecture (needed for public checkpoints)")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's dataset, else cifar10")
+    p.add_argument("--data-root", default="data", help="folder holding the dataset (default: data)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test set, or the validation split carved from the training set as in training")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="validation size (default: the checkpoint's data.val_size, else 5000)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="validation split seed (default: the checkpoint's data.split_seed, else 0)")
+    p.add_argument("--attacks", default="clean,pgd_sat", help=f"comma-separated from {','.join(ATTACK_NAMES)}, "
+                   "or all (default: clean,pgd_sat)")
+    p.add_argument("--headline", default=None, help="attack whose W-Robust is the headline (default: pgd_sat if "
+                   "run, else the first non-clean attack)")
+    p.add_argument("--n-examples", type=int, default=None, help="stratified, seeded subset of this size")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="L-inf radius, e.g. 8/255 (default) or 0.03")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--square-queries", type=int, default=1000)
+    p.add_argument("--autoattack-version", default="standard", choices=("standard", "plus", "rand"))
+    p.add_argument("--source-checkpoint", default=None,
+                   help="robust teacher for the black-box attacks bb_pgd / bb_cw (ours, public, or pyautoattack)")
+    p.add_argument("--source-arch", choices=MODEL_NAMES, help="architecture of a public source checkpoint")
+    p.add_argument("--mean", default=None, help="input normalisation of a public checkpoint: 3 comma-separated numbers")
+    p.add_argument("--std", default=None, help="see --mean")
+    p.add_argument("--name", default=None, help="model name in the reports (default: the checkpoint's file name)")
+    p.add_argument("--out", default=None, help="report folder (default: eval/ next to the checkpoint)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="rich progress bar (default: when stderr is a terminal)")
+    return p
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Inspected:
+    path: Path
+    record: dict[str, Any] | None  # our file's metadata (arch, num_classes, dataset, mean, std, teachers, config)
+    key: str | None = None         # entry holding the weights when it is not the usual wrapper
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: str
+    path: Path
+    record: dict[str, Any] | None  # None for a public checkpoint
+
+
+def _resolve_path(spec: str) -> Path:
+    if spec == PYAUTOATTACK:
+        from bmtard_ray.models import pyautoattack_resnet18_path
+
+        return pyautoattack_resnet18_path()
+    return Path(spec)
+
+
+def inspect_checkpoint(spec: str) -> Inspected:
+    """What a checkpoint file is: our model file, our training checkpoint, or a plain/public state dict.
+
+    Damaged files (an HTML page, a Git LFS pointer, a cut-off download) raise a one-line CheckpointError.
+    """
+    from bmtard_ray.models import read_state_dict
+
+    path = _resolve_path(spec)
+    try:
+        read_state_dict(path)  # the thorough checks: HTML page, LFS pointer, truncated, empty, no tensors
+        problem = None
+    except CheckpointError as exc:
+        problem = exc  # fatal unless the file is one of our training checkpoints (weights under "student")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged: read_state_dict has already said how, in one line
+        if problem is not None:
+            raise problem from None
+        raise
+    if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT and isinstance(obj.get("config"), dict):
+        # A training checkpoint (saved every epoch): the student's weights under "student", no normalisation.
+        cfg = obj["config"]
+        record = {"arch": cfg.get("student"), "num_classes": None, "dataset": (cfg.get("data") or {}).get("dataset"),
+                  "mean": None, "std": None, "config": cfg, "epoch": obj.get("epoch")}
+        return Inspected(path, record, key="student")
+    if problem is not None:
+        raise problem
+    if isinstance(obj, dict) and isinstance(obj.get("arch"), str) and isinstance(obj.get("state_dict"), dict):
+        return Inspected(path, {k: v for k, v in obj.items() if k != "state_dict"})
+    return Inspected(path, None)
+
+
+def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
+               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+               role: str = "checkpoint", inspected: Inspected | None = None) -> LoadedModel:
+    """Build the architecture and load the weights strictly (one-line CheckpointError otherwise)."""
+    from bmtard_ray.models import build_model, load_weights
+
+    found = inspected if inspected is not None else inspect_checkpoint(spec)
+    path, record = found.path, found.record
+    flag = "--arch" if role == "checkpoint" else "--source-arch"
+    if record is not None:  # our own file: it says what it is
+        if arch is not None and arch != record["arch"]:
+            raise ConfigError(f"{role} {path} is a '{record['arch']}' model; {flag} {arch} contradicts it")
+        arch = record["arch"]
+        if record.get("num_classes") is not None and int(record["num_classes"]) != num_classes:
+            raise CheckpointError(f"{role} {path} has {record['num_classes']} classes but dataset {dataset} has "
+                                  f"{num_classes}")
+        mean = tuple(record["mean"]) if record.get("mean") else mean
+        std = tuple(record["std"]) if record.get("std") else std
+    elif spec == PYAUTOATTACK:
+        arch = arch or "resnet18"  # kuangliu layout, no normalisation
+    if arch is None:
+        raise ConfigError(f"{role} {path} is a plain state dict: say which architecture it is with {flag}")
+    model = build_model(arch, num_classes, mean=mean, std=std)
+    load_weights(model, path, key=found.key)
+    return LoadedModel(model, arch, path, record)
+
+
+def _config_value(record: dict[str, Any] | None, section: str, key: str) -> Any:
+    cfg = (record or {}).get("config") or {}
+    return (cfg.get(section) or {}).get(key) if isinstance(cfg, dict) else None
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (0 is a value: a val_size of 0 must not become the default)."""
+    return next(v for v in values if v is not None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bmtard_ray.config import EvalConfig
+    from bmtard_ray.data import dataset_info, load_dataset, train_val_split
+    from bmtard_ray.evaluation import ATTACK_NAMES, BLACK_BOX, check_attacks, evaluate
+    from bmtard_ray.evaluation.report import print_table, write_reports
+
+    attacks = parse_attacks(args.attacks)
+    cfg = EvalConfig(attacks=attacks, eps=args.eps, n_examples=args.n_examples, batch_size=args.batch_size,
+                     seed=args.seed, square_queries=args.square_queries, autoattack_version=args.autoattack_version)
+    wants_source = any(a in BLACK_BOX for a in attacks)
+    check_attacks(cfg, has_source=args.source_checkpoint is not None or not wants_source)  # before any loading
+    cfg.headline = args.headline or ("pgd_sat" if "pgd_sat" in attacks
+                                     else next((a for a in attacks if a != "clean"), "pgd_sat"))
+    if cfg.headline not in ATTACK_NAMES or cfg.headline == "clean":
+        raise ConfigError(f"--headline must be a non-clean attack from: {', '.join(ATTACK_NAMES[1:])}")
+    device = select_device(args.device)
+    mean, std = _stats(args.mean, "--mean"), _stats(args.std, "--std")
+
+    # The checkpoint first (cheap and the likeliest to be wrong), then the data.
+    found = inspect_checkpoint(args.checkpoint)
+    path, record = found.path, found.record
+    dataset = args.dataset or (record or {}).get("dataset") or "cifar10"
+    info = dataset_info(dataset)
+    loaded = load_model(args.checkpoint, args.arch, info.num_classes, dataset=dataset, mean=mean, std=std,
+                        inspected=found)
+    source = None
+    if wants_source:
+        source = load_model(args.source_checkpoint, args.source_arch, info.num_classes, dataset=dataset,
+                            role="source checkpoint")
+
+    train, test, _ = load_dataset(dataset, args.data_root)
+    split_meta: dict[str, Any] = {"split": args.split}
+    if args.split == "val":
+        val_size = _first(args.val_size, _config_value(record, "data", "val_size"), 5000)
+        split_seed = _first(args.split_seed, _config_value(record, "data", "split_seed"), 0)
+        _, split = train_val_split(train, int(val_size), int(split_seed))
+        split_meta.update(val_size=int(val_size), split_seed=int(split_seed))
+    else:
+        split = test
+
+    model = loaded.model.to(device)
+    source_model = source.model.to(device) if source is not None else None
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = evaluate(model, split, cfg, device=device, source_model=source_model, progress=progress)
+
+    stem = "pyautoattack_resnet18" if args.checkpoint == PYAUTOATTACK else path.stem
+    # A run's file is <run>/model.pt: the run folder names the model better than "model".
+    name = args.name or (path.parent.name if path.stem == "model" else stem)
+    model_info: dict[str, Any] = {
+        "name": name, "architecture": loaded.arch, "dataset": dataset, "checkpoint": str(path), **split_meta,
+        "method": _config_value(record, "method", "name"),
+        "teachers": (record or {}).get("teachers"),
+        "source_checkpoint": str(source.path) if source is not None else None,
+        "source_architecture": source.arch if source is not None else None,
+    }
+    # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
+    out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
+    paths = write_reports(result, out, model_info=model_info, stem=f"{stem}_{args.split}")
+    print_table(result, f"{name} on {dataset} {args.split}")
+    for kind, p in paths.items():
+        print(f"{kind}: {p}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except BmtardError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
