@@ -78,11 +78,3 @@ def safe_load(path: Path, what: str = "checkpoint") -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:120]}" if text else type(exc).__name__
-
-
-def peek_model_record(path: Path) -> dict[str, Any] | None:
-    """Our model file's metadata (arch, classes, normalisation) or None for a plain/public checkpoint."""
-    obj = safe_load(path)
-    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("bmtard_ray.model/"):
-        return obj
-    return None

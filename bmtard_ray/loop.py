@@ -28,7 +28,7 @@ from bmtard_ray.data import BatchLoader, DatasetInfo, Split, load_dataset, make_
 from bmtard_ray.dist import DistContext
 from bmtard_ray.engine import COUNT_COLUMNS, ROW_COLUMNS, Teachers, Task, build_task, freeze, teacher_roles
 from bmtard_ray.errors import CheckpointError, ConfigError
-from bmtard_ray.models import build_model, load_weights, pyautoattack_resnet18_path
+from bmtard_ray.models import build_model
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 EpochLogger = Callable[[dict[str, Any]], None]
@@ -97,27 +97,15 @@ def model_record(model: nn.Module, arch: str, info: DatasetInfo, cfg: RunConfig,
 
 def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
     """Build a frozen teacher from its checkpoint (ours, a public one, or the pyautoattack ResNet-18)."""
+    from bmtard_ray.evaluation.cli import load_model
+
     if not tc.checkpoint:
         raise ConfigError(f"no checkpoint for the {role} teacher: run through run_train.py (which trains and caches "
                           f"the teachers) or set teachers.{role}.checkpoint")
-    path = pyautoattack_resnet18_path() if tc.checkpoint == "pyautoattack" else Path(tc.checkpoint)
-    if tc.checkpoint == "pyautoattack" and info.num_classes != 10:
-        raise CheckpointError(f"the pyautoattack ResNet-18 is a 10-class CIFAR-10 model; dataset {info.name} has "
-                              f"{info.num_classes} classes")
-    arch, mean, std = tc.arch, tc.mean, tc.std
-    record = io.peek_model_record(path)
-    if record is not None:  # our own format carries its architecture and normalisation
-        arch = record["arch"]
-        mean = tuple(record["mean"]) if record.get("mean") else mean
-        std = tuple(record["std"]) if record.get("std") else std
-        if record["num_classes"] != info.num_classes:
-            raise CheckpointError(f"{role} teacher {path} has {record['num_classes']} classes but dataset {info.name} "
-                                  f"has {info.num_classes}")
-    if tc.checkpoint == "pyautoattack":
-        arch = "resnet18"
-    model = build_model(arch, info.num_classes, mean=mean, std=std)
-    load_weights(model, path)
-    return freeze(model.to(device))
+    # One loader for every model file: our own format carries its architecture and normalisation.
+    loaded = load_model(tc.checkpoint, None if tc.checkpoint == "pyautoattack" else tc.arch, info.num_classes,
+                        dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher")
+    return freeze(loaded.model.to(device))
 
 
 def check_given_teachers(cfg: RunConfig, info: DatasetInfo) -> None:
@@ -343,6 +331,14 @@ class Trainer:
                    "test": self.evaluate(self.data.test, ec.attacks, ec.n_examples, source, progress)}
         summary = build_summary(cfg, self.state, results, self.data.info)
         if self.dist.is_main:
+            from bmtard_ray.evaluation import EvalResult
+            from bmtard_ray.evaluation.report import write_reports
+
+            info = {"name": cfg.name, "architecture": cfg.student, "dataset": self.data.info.name,
+                    "teachers": teacher_provenance(cfg), "method": cfg.method.name}
+            for split, r in results.items():
+                result = EvalResult(r["accuracy"], r["w_robust"], r["n_examples"], r["seconds"], r["meta"])
+                write_reports(result, run_dir / "eval", model_info=info | {"split": split}, stem=split)
             extra = {"teachers": teacher_provenance(cfg), "summary": summary}
             io.atomic_torch_save(model_record(self.student, cfg.student, self.data.info, cfg, extra), run_dir / "model.pt")
             if cfg.trace:
