@@ -103,14 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
-
-
 @dataclass
 class Inspected:
     path: Path
@@ -218,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
                                      else next((a for a in attacks if a != "clean"), "pgd_sat"))
     if cfg.headline not in ATTACK_NAMES or cfg.headline == "clean":
         raise ConfigError(f"--headline must be a non-clean attack from: {', '.join(ATTACK_NAMES[1:])}")
+    from bmtard_ray.loop import select_device
+
     device = select_device(args.device)
     mean, std = _stats(args.mean, "--mean"), _stats(args.std, "--std")
 
