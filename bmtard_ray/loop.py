@@ -161,6 +161,16 @@ class Trainer:
         self.local_batch = o.batch_size // self.dist.world_size
         roles = teacher_roles(cfg.method.name)
         self.teachers = Teachers(**{r: load_teacher(r, getattr(cfg.teachers, r), info, self.device) for r in roles})
+        # Black-box attacks are crafted on the robust teacher, also for methods that train without one.
+        self.source: nn.Module | None = None
+        if any(a.startswith("bb_") for a in cfg.eval.attacks):
+            if self.teachers.robust is not None:
+                self.source = self.teachers.robust
+            elif cfg.teachers.robust.checkpoint:
+                self.source = load_teacher("robust", cfg.teachers.robust, info, self.device)
+            else:
+                raise ConfigError("black-box attacks (bb_*) need a robust teacher: set teachers.robust.checkpoint "
+                                  f"(method {cfg.method.name} does not train with one)")
         self.fast = cfg.fast and self.device.type == "cuda"
         self.student = build_model(cfg.student, info.num_classes).to(self.device)
         if self.fast:
@@ -324,9 +334,7 @@ class Trainer:
     def finish(self, run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
         """Final evaluation on validation and test, then (rank 0) the model file, trace, metrics and summary."""
         cfg, ec = self.cfg, self.cfg.eval
-        source = self.teachers.robust if any(a.startswith("bb_") for a in ec.attacks) else None
-        if any(a.startswith("bb_") for a in ec.attacks) and source is None:
-            raise ConfigError(f"black-box attacks need a robust teacher; method {cfg.method.name} has none")
+        source = self.source
         results = {"val": self.evaluate(self.data.val, ec.attacks, ec.n_examples, source, progress),
                    "test": self.evaluate(self.data.test, ec.attacks, ec.n_examples, source, progress)}
         summary = build_summary(cfg, self.state, results, self.data.info)

@@ -1,0 +1,38 @@
+"""The comparison script end to end at smoke scale: every method, teachers shared, RESULTS.md and plots."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_runs_every_method_and_writes_results(tmp_path: Path, cifar_root: Path) -> None:
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--scale", "smoke", "--seeds", "2",
+           "--data-root", str(cifar_root), "--out", str(out), "--attacks", "clean,fgsm,pgd_sat,bb_pgd"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "RESULTS.md").read_text()
+    for method in ("sat", "trades", "rslad", "mtard", "bmtard"):
+        assert f"| {method} |" in text
+        assert (out / "runs" / f"{method}-seed1" / "summary.json").is_file()
+    assert "±" in text and "Ordering" in text
+    assert (out / "clean_vs_robust.png").stat().st_size > 1000
+    assert (out / "bmtard_balance.png").stat().st_size > 1000
+    # Two teachers trained once for all ten runs.
+    assert len(list((out / "teachers").glob("*/model.pt"))) == 2
+    # A second invocation reuses every finished run (nothing is retrained).
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "epoch   1/" not in again.stdout
+
+
+def test_reproduce_rejects_unknown_method(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--methods", "sat,foo",
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown method(s) foo" in proc.stderr
+    assert not (tmp_path / "r").exists()
