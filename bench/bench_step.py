@@ -74,15 +74,25 @@ def make_trainer(cfg: RunConfig, data: DataBundle, robust: str, clean: str, tmp:
     return Trainer(cfg, data=data)
 
 
-def step_flops(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """FLOPs of one full step (attack + passes + backward), counted by torch's FlopCounterMode."""
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        out = trainer.task.step(x, y)
-        out.loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
     return float(counter.get_total_flops())
+
+
+def step_flops(trainer: Trainer, x: torch.Tensor) -> float:
+    """Model FLOPs of one B-MTARD step, from counted forward FLOPs F of each network.
+
+    An attack step is a forward and an input-only backward (~2F); each of the two student training passes is
+    forward + full backward (~3F); each teacher runs one forward. (FlopCounterMode cannot wrap the attack's
+    autograd.grad on a leaf, so the step is composed from counted forwards.)
+    """
+    t = trainer.teachers
+    f_s = forward_flops(trainer.student, x)
+    steps = trainer.cfg.attack.steps
+    return steps * 2 * f_s + 2 * 3 * f_s + forward_flops(t.robust, x) + forward_flops(t.clean, x)
 
 
 def run_mode(name: str, mode: str, args: argparse.Namespace, tmp: Path) -> Row:
@@ -99,7 +109,7 @@ def run_mode(name: str, mode: str, args: argparse.Namespace, tmp: Path) -> Row:
     it = iter(trainer.loader)
     batches = [next(it) for _ in range(1)]
     x0, y0 = (t.to(device) for t in batches[0])
-    flops = step_flops(trainer, x0, y0)
+    flops = step_flops(trainer, x0)
 
     def run(n: int) -> float:
         if device.type == "cuda":
