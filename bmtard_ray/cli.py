@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bmtard_ray.config import METHOD_NAMES, RunConfig, build_config, preset_names
-from bmtard_ray.errors import BmtardError
+from bmtard_ray.errors import BmtardError, ConfigError
 
 # Shortcut flags -> dotted config keys.
 SHORTCUTS = {"method": "method.name", "student": "student", "dataset": "data.dataset", "data_root": "data.root",
@@ -62,22 +62,49 @@ def train_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its folder or checkpoint file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (no --workers etc.)")
+    r = p.add_argument_group("Ray Train (the default; see README 'Scaling with Ray Train')")
+    r.add_argument("--workers", type=int, help="number of training workers (default 1); the global batch is split "
+                   "over them")
+    r.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: the "
+                   "cluster's CPUs shared out over the workers)")
+    r.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers (default: 1 when the "
+                   "cluster has GPUs and --device is not cpu)")
+    r.add_argument("--address", help="Ray cluster to join, host:port (default: RAY_ADDRESS, else start a local Ray)")
+    r.add_argument("--storage-path", help="parent of the run folder: a path (shared between nodes) or a URI such "
+                   "as s3://bucket/runs (default: --output-dir)")
+    r.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
+    r.add_argument("--keep-checkpoints", type=int, help="newest checkpoints to keep (default 2)")
+    r.add_argument("--ray-config", metavar="FILE", help="YAML with any of: num_workers, cpus_per_worker, "
+                   "gpus_per_worker, address, storage_path, max_failures, keep_checkpoints (flags win)")
     return p
+
+
+RAY_FLAGS = ("workers", "cpus_per_worker", "gpus_per_worker", "address", "storage_path", "max_failures",
+             "keep_checkpoints", "ray_config")
 
 
 @guarded
 def train_main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
-    from bmtard_ray.runner import run_local
+    if args.local:
+        given = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to Ray runs; drop --local or drop them")
+        from bmtard_ray.runner import run_local
 
-    run_local(resolve_config(args), resume=args.resume, overwrite=args.overwrite)
+        run_local(resolve_config(args), resume=args.resume, overwrite=args.overwrite)
+        return 0
+    cfg = resolve_config(args)  # validated before Ray is even imported
+    from bmtard_ray.ray_train import run_from_args
+
+    run_from_args(cfg, args)
     return 0
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The run's config: from the options, or, with --resume, the saved one plus any explicit overrides."""
-    if not getattr(args, "resume", None):
+    if not getattr(args, "resume", None) or "://" in str(args.resume):  # a URI run folder: config from the options
         return config_from_args(args)
     from bmtard_ray.config import nest, parse_override, to_dict, validate, _apply
     from bmtard_ray.runner import load_resume_state

@@ -23,3 +23,23 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert script.is_file(), f"{script} is missing: the tests need ../shared beside the repository"
     subprocess.run([sys.executable, str(script), "--out", str(out)], check=True, capture_output=True)
     return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (on loopback)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def head_port_flags(gcs: int, dashboard: int) -> list[str]:
+    """`ray start --head` flags giving every port of a test head a free one: the defaults (e.g. the dashboard
+    agent's 52365) are taken when another Ray runs on the machine, such as a test module's own local Ray,
+    and the head then comes up without a job agent ("No available agent to submit job")."""
+    ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    return [str(x) for kv in ports.items() for x in kv]
