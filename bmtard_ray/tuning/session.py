@@ -1,0 +1,76 @@
+"""Starting and resuming an experiment: data and teachers first, then Ray, then the Tuner.
+
+Teachers are trained (or found in the cache) once, here, before any trial exists; their checkpoint paths
+are written into the trials' base config, so every trial loads the same files and none trains a teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from bmtard_ray.config import RunConfig, replace, to_dict
+from bmtard_ray.engine import teacher_roles
+from bmtard_ray.loop import check_given_teachers, prepare_data
+from bmtard_ray.search_space import SearchSpace
+from bmtard_ray.teachers import ensure_teachers
+from bmtard_ray.tuning import cluster, experiment
+from bmtard_ray.tuning.cli import trial_methods
+from bmtard_ray.tuning.settings import TuneSettings, max_concurrent_trials, resolve_gpus
+
+
+def prepare_teachers(cfg: RunConfig, space: SearchSpace, console: Console) -> RunConfig:
+    """Resolve every teacher any trial may need (training missing ones in this process, once)."""
+    from bmtard_ray.runner import run_local
+
+    for method in trial_methods(space, cfg):
+        if not teacher_roles(method):
+            continue
+        variant = replace(cfg, **{"method.name": method})
+        resolved = ensure_teachers(variant, lambda t: run_local(t, overwrite=True, console=console),
+                                   log=lambda s: console.print(f"[bold]{s}[/bold]"))
+        for role in teacher_roles(method):
+            getattr(cfg.teachers, role).checkpoint = getattr(resolved.teachers, role).checkpoint
+    return cfg
+
+
+def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace,
+          console: Console) -> tuple[experiment.Outcome, TuneSettings]:
+    data = prepare_data(cfg)            # a missing data folder fails here, before Ray starts
+    check_given_teachers(cfg, data.info)
+    local = cluster.local_resources(args.address, args.num_cpus)
+    if local is not None:               # a Ray instance started here: check the fit before training teachers
+        resolve_gpus(settings, local, cfg.device)
+        max_concurrent_trials(local, settings)
+    exp = Path(settings.experiment_dir)
+    if args.overwrite and exp.exists():
+        shutil.rmtree(exp)
+    # Teachers train in this process before Ray starts, so they do not compete with Ray's own processes.
+    cfg = prepare_teachers(cfg, space, console)
+    settings.base_config = to_dict(cfg)
+    args.started_ray = cluster.init_ray(args.address, args.num_cpus)
+    resources = cluster.cluster_resources()
+    resolve_gpus(settings, resources, cfg.device)
+    n_concurrent = max_concurrent_trials(resources, settings)
+    experiment.write_settings(settings, Path(space.source))
+    console.print(f"experiment folder: {exp}")
+    outcome = experiment.run(settings, space, resume=False, console=console, verbose=0 if args.quiet else 1,
+                             n_concurrent=n_concurrent)
+    return outcome, settings
+
+
+def resume(exp: Path, args: argparse.Namespace, console: Console) -> tuple[experiment.Outcome, TuneSettings]:
+    settings, space = experiment.read_settings(exp)
+    # The search itself cannot change on resume; the final report's options can.
+    if args.final_attacks:
+        settings.final_attacks = tuple(a.strip() for a in args.final_attacks.split(",") if a.strip())
+    if args.final_examples:
+        settings.final_examples = args.final_examples
+    if args.top != 10:
+        settings.top = args.top
+    settings.validate()
+    args.started_ray = cluster.init_ray(args.address, args.num_cpus)
+    outcome = experiment.run(settings, space, resume=True, console=console, verbose=0 if args.quiet else 1)
+    return outcome, settings

@@ -1,0 +1,203 @@
+"""What a tuning experiment is: objectives, search, scheduler, resources; checked before Ray starts.
+
+Pure Python (no ray, no optuna), so every check here runs in milliseconds and is unit-tested on its own.
+The settings are saved as ``settings.json`` in the experiment folder; ``--resume`` reads them back, so an
+interrupted experiment continues with exactly the search it started with.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bmtard_ray.engine import ROW_COLUMNS
+from bmtard_ray.errors import ConfigError
+
+# Every per-epoch metric a trial reports (bmtard_ray.loop.Trainer.train_epoch + validate, every epoch
+# because tuning requires val_every=1). The end-to-end test checks this list against a real trial.
+TRIAL_METRICS: tuple[str, ...] = (
+    ("epoch", "lr", "seconds", "images_per_s", "train_loss", "train_L_adv", "train_L_nat")
+    + tuple(c for c in ROW_COLUMNS if c.startswith(("tau", "w_")))
+    + ("H_adv", "H_nat", "train_acc_adv", "train_acc_nat", "val_clean", "val_robust", "val_w_robust"))
+# Metrics where smaller is better; every other one is maximised unless --mode says otherwise.
+MIN_METRICS = ("train_loss", "train_L_adv", "train_L_nat", "seconds")
+# Not objectives: bookkeeping (epoch, lr) or balance state with no "better" direction.
+NOT_OBJECTIVES = ("epoch", "lr", "tau_adv", "tau_nat", "w_adv", "w_nat", "H_adv", "H_nat")
+DEFAULT_OBJECTIVE = "val_w_robust"
+DEFAULT_MULTI_OBJECTIVES = ("val_clean", "val_robust")
+SAMPLERS = ("tpe", "random", "nsga2")
+SCHEDULERS = ("asha", "fifo")
+MODES = ("max", "min")
+SETTINGS_FILE = "settings.json"
+
+
+def objective_names() -> tuple[str, ...]:
+    return tuple(m for m in TRIAL_METRICS if m not in NOT_OBJECTIVES)
+
+
+def default_mode(metric: str) -> str:
+    return "min" if metric in MIN_METRICS else "max"
+
+
+def check_objectives(objectives: tuple[str, ...], modes: tuple[str, ...]) -> None:
+    """Every objective must be a metric that trials report (so no trial runs for nothing)."""
+    if not objectives:
+        raise ConfigError("give at least one objective metric")
+    for name in objectives:
+        if name not in objective_names():
+            raise ConfigError(f"unknown objective '{name}': trials do not report it; choose from: "
+                              f"{', '.join(objective_names())}")
+    if len(set(objectives)) != len(objectives):
+        raise ConfigError(f"objectives must be distinct, got {', '.join(objectives)}")
+    if len(modes) != len(objectives):
+        raise ConfigError(f"give one mode per objective ({len(objectives)}), got {len(modes)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+
+
+@dataclass
+class TuneSettings:
+    """Everything about the search that is not the trials' RunConfig (that one is ``base_config``)."""
+    space_file: str                                     # absolute path of the space YAML
+    experiment_dir: str                                 # absolute: <output_dir>/<name>
+    objectives: tuple[str, ...] = (DEFAULT_OBJECTIVE,)
+    modes: tuple[str, ...] = ("max",)
+    num_samples: int = 16
+    sampler: str = "tpe"
+    scheduler: str = "asha"
+    asha_metric: str = DEFAULT_OBJECTIVE                # ASHA ranks by one metric (W-Robust in multi mode)
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    n_startup_trials: int | None = None                 # None: min(10, max(2, num_samples // 4))
+    seed: int = 0                                       # the sampler's seed (the trials keep cfg.seed)
+    storage: str | None = None                          # None: sqlite:///<experiment_dir>/optuna.db
+    study_name: str = "bmtard"
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None                # None: 1 if the cluster has GPUs (and device != cpu)
+    max_concurrent: int | None = None                   # None: derived from the cluster's resources
+    epoch_budget: int | None = None                     # stop the search after this many trained epochs in all
+    final_attacks: tuple[str, ...] = ()                 # () : the evaluation suite (see final.py)
+    final_examples: int | None = None                   # None: the base config's eval.n_examples
+    top: int = 10                                       # leaderboard rows printed
+    base_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def objective(self) -> str:
+        return self.objectives[0]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.experiment_dir) / 'optuna.db'}"
+
+    @property
+    def startup_trials(self) -> int:
+        if self.n_startup_trials is not None:
+            return self.n_startup_trials
+        return min(10, max(2, self.num_samples // 4))
+
+    def validate(self) -> TuneSettings:
+        if self.num_samples < 1:
+            raise ConfigError(f"--num-samples must be >= 1, got {self.num_samples}")
+        check_objectives(tuple(self.objectives), tuple(self.modes))
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler '{self.sampler}'; choose one of: {', '.join(SAMPLERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+        if self.sampler == "nsga2" and not self.multi:
+            raise ConfigError("--sampler nsga2 is a multi-objective sampler; use it with --multi-objective")
+        check_objectives((self.asha_metric,), (default_mode(self.asha_metric),))
+        if self.grace_period < 1:
+            raise ConfigError(f"--grace-period must be >= 1 epoch, got {self.grace_period}")
+        if not (math.isfinite(self.reduction_factor) and self.reduction_factor > 1):
+            raise ConfigError(f"--reduction-factor must be > 1, got {self.reduction_factor}")
+        if self.n_startup_trials is not None and self.n_startup_trials < 0:
+            raise ConfigError(f"--n-startup-trials must be >= 0, got {self.n_startup_trials}")
+        if self.workers_per_trial < 1:
+            raise ConfigError(f"--workers-per-trial must be >= 1 (each trial is a Ray Train run with at least one "
+                              f"worker), got {self.workers_per_trial}")
+        if self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
+            raise ConfigError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        if self.epoch_budget is not None and self.epoch_budget < 1:
+            raise ConfigError(f"--epoch-budget must be >= 1, got {self.epoch_budget}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.final_examples is not None and self.final_examples < 1:
+            raise ConfigError(f"--final-examples must be >= 1, got {self.final_examples}")
+        if self.top < 1:
+            raise ConfigError(f"--top must be >= 1, got {self.top}")
+        if self.storage is not None:
+            check_storage_url(self.storage)
+        return self
+
+    # --- persistence -------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=list)
+
+    @classmethod
+    def from_json(cls, text: str) -> TuneSettings:
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"{SETTINGS_FILE}: unknown fields {', '.join(sorted(unknown))} (written by another version?)")
+        for key in ("objectives", "modes", "final_attacks"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def check_storage_url(url: str) -> None:
+    """A database URL Optuna's RDBStorage can open (checked for shape only; nothing is created here)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage '{url}' is not a database URL (e.g. sqlite:///path/optuna.db, "
+                          "postgresql://user@host/db)") from None
+
+
+def resolve_gpus(settings: TuneSettings, cluster: dict[str, float], device: str) -> None:
+    """Fix an automatic ``gpus_per_worker``: one GPU per worker when the cluster has GPUs and the trials'
+    device allows it, else CPU workers. Explicit values are kept (0.5 packs two trials per GPU)."""
+    if settings.gpus_per_worker is None:
+        settings.gpus_per_worker = 1.0 if float(cluster.get("GPU", 0)) > 0 and device != "cpu" else 0.0
+    if device == "cpu" and settings.gpus_per_worker > 0:
+        raise ConfigError("device 'cpu' with GPU workers: drop --gpus-per-worker or use --device auto")
+    if device == "cuda" and settings.gpus_per_worker == 0:
+        raise ConfigError("device 'cuda' needs GPU workers: pass --gpus-per-worker 1 (or --device cpu)")
+
+
+def max_concurrent_trials(cluster: dict[str, float], settings: TuneSettings) -> int:
+    """How many trials fit side by side, so that no trial's workers wait for another trial to finish.
+
+    The trial driver itself reserves no CPU (it only waits on its Ray Train controller); each trial's
+    workers reserve ``cpus_per_worker`` (and ``gpus_per_worker``) apiece.
+    """
+    per_cpu = settings.workers_per_trial * settings.cpus_per_worker
+    per_gpu = settings.workers_per_trial * (settings.gpus_per_worker or 0.0)
+    have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    fits = [math.floor(have_cpu / per_cpu + 1e-9)]
+    if per_gpu > 0:
+        fits.append(math.floor(have_gpu / per_gpu + 1e-9))
+    n = min(fits)
+    if n < 1:
+        raise ConfigError(f"one trial needs {per_cpu:g} CPU and {per_gpu:g} GPU ({settings.workers_per_trial} worker(s)) "
+                          f"but the Ray cluster has {have_cpu:g} CPU and {have_gpu:g} GPU; lower --workers-per-trial, "
+                          "--cpus-per-worker or --gpus-per-worker")
+    if settings.max_concurrent is not None:
+        n = min(n, settings.max_concurrent)
+    return min(n, settings.num_samples)
