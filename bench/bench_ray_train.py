@@ -120,7 +120,9 @@ def main() -> int:
         # Ray's workers must import bmtard_ray too (this script is not in the repository's root).
         root = str(Path(__file__).resolve().parents[1])
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        from bmtard_ray.ray_train import start_local_ray, stop_local_ray
+
+        start_local_ray(log_to_driver=False)
         cores = int(ray.cluster_resources().get("CPU", 1))
         for workers in (1, 2):
             label = f"Ray, {workers} CPU worker(s) x {max(1, cores // workers)} CPU"
@@ -129,7 +131,7 @@ def main() -> int:
             gpu_cfg = replace(cfg, device="cuda")
             rows.append(("in-process GPU", in_process(gpu_cfg, "cuda")))
             rows.append(("Ray, 1 GPU worker", on_ray(gpu_cfg, 1, 1, tmp / "ray")))
-        ray.shutdown()
+        stop_local_ray()
     base = rows[0][1]["images_per_s"]
     print()
     print(f"B-MTARD, student {args.student}, teachers {args.teacher}, PGD-{args.attack_steps} training attack, "

@@ -248,6 +248,53 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           "`ray start --head` or fix --address / RAY_ADDRESS") from None
 
 
+_STARTED_ENV: dict[str, str | None] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_local_ray(**init: Any) -> None:
+    """Start a private Ray instance on this machine that Ray Train's own helpers can find.
+
+    ``address="local"``: plain ``ray.init()`` would silently join a cluster someone else started here with
+    ``ray start``. Ray Train V2's placement-group cleaner and state actor ask the State API (served by the
+    dashboard, so it is kept) about the run's controller; they look "their" cluster up through RAY_ADDRESS,
+    else through the last cluster recorded in /tmp/ray, which may be a dead one (a crashed or stopped
+    instance) and then they time out with tracebacks, and a stopped trial's resources are never freed.
+    So the instance gets a known GCS port and every process it starts inherits RAY_ADDRESS pointing at it.
+    """
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    _STARTED_ENV.update({k: os.environ.get(k) for k in env})
+    os.environ.update(env)  # before ray.init: the raylet and every worker inherit it
+    try:
+        ray.init(address="local", include_dashboard=True, **init)
+    except BaseException:
+        _restore_env()
+        raise
+
+
+def _restore_env() -> None:
+    for key, value in _STARTED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _STARTED_ENV.clear()
+
+
+def stop_local_ray() -> None:
+    """Stop what :func:`start_local_ray` started and restore the environment."""
+    ray.shutdown()
+    _restore_env()
+
+
 def connect(address: str | None = None, **local_init: Any) -> bool:
     """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``) or start a local Ray with this
     machine's resources. Returns True when this call started the connection (the caller shuts it down).
@@ -263,7 +310,9 @@ def connect(address: str | None = None, **local_init: Any) -> bool:
         else:
             # The dashboard's Train view needs this flag in the driver before the trainer is built.
             os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-            ray.init(address="local", **local_init)
+            # The driver's live view is fed by a queue, not by worker output; what workers and Ray's own
+            # actors print (deprecation notes, internal warnings) stays in the session's log folder.
+            start_local_ray(**{"log_to_driver": False, **local_init})
     except (ConnectionError, TimeoutError) as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {target}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # AuthenticationError and friends: one line, with the usual fix
@@ -692,7 +741,7 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
                            overwrite=overwrite, inject_failure=inject_failure, **common)
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
     if summary.get("results"):
         print_summary(summary, console)
     console.print(f"outputs in {summary['run_dir']}")

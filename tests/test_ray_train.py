@@ -272,9 +272,11 @@ def ray_local() -> Any:
     if ray.is_initialized():
         ray.shutdown()
     # "local": a fresh instance even if another Ray runs on this machine; 2 CPUs = two 1-CPU workers.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from bmtard_ray.ray_train import start_local_ray, stop_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    stop_local_ray()
 
 
 @pytest.fixture(scope="module")
