@@ -87,19 +87,9 @@ def base_config(args: argparse.Namespace, space: SearchSpace) -> RunConfig:
     if cfg.val_every != 1 or cfg.checkpoint_every != 1:
         raise ConfigError(f"tuning validates and checkpoints every epoch: remove the setting of val_every "
                           f"({cfg.val_every}) / checkpoint_every ({cfg.checkpoint_every}) or set both to 1")
+    from bmtard_ray.ray_train import absolute_paths  # trials run in other processes and working directories
+
     return absolute_paths(cfg)
-
-
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Trials run in other processes (and working directories): every path they read must be absolute."""
-    cfg.data.root = str(Path(cfg.data.root).resolve())
-    cfg.teachers.cache_dir = str(Path(cfg.teachers.cache_dir).resolve())
-    for role in ("clean", "robust"):
-        tc = getattr(cfg.teachers, role)
-        if tc.checkpoint and tc.checkpoint != "pyautoattack":
-            tc.checkpoint = str(Path(tc.checkpoint).resolve())
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    return cfg
 
 
 def objectives_of(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
