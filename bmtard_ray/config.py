@@ -117,7 +117,7 @@ class TeacherConfig:
 class TeachersConfig:
     clean: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet56", train_method="natural"))
     robust: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="wrn34_10", train_method="trades"))
-    cache_dir: str = "runs/teachers"
+    cache_dir: str = ""               # "" = <output_dir>/teachers, so teachers follow --output-dir
 
 
 @dataclass
@@ -435,3 +435,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def field_names(section: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(section)]
+
+
+def teacher_cache_dir(cfg: RunConfig) -> str:
+    """Where cached teachers live: ``teachers.cache_dir``, else ``<output_dir>/teachers``."""
+    return cfg.teachers.cache_dir or f"{cfg.output_dir.rstrip('/')}/teachers"

@@ -70,7 +70,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bmtard_ray import io
-from bmtard_ray.config import RunConfig, from_dict, to_dict
+from bmtard_ray.config import RunConfig, from_dict, teacher_cache_dir, to_dict
 from bmtard_ray.engine import teacher_roles
 from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
 from bmtard_ray.loop import Trainer, check_given_teachers, prepare_data
@@ -654,8 +654,8 @@ def _prepare(cfg: RunConfig, scaling: ScalingOptions) -> None:
         if not tc.checkpoint and not cached_path(cfg, role).is_file() and tc.batch_size % n:
             raise ConfigError(f"teachers.{role}.batch_size ({tc.batch_size}) must be divisible by the number of "
                               f"workers ({n}) to train that teacher")
-    if any(is_uri(getattr(cfg.teachers, r).checkpoint or "") for r in ("clean", "robust")) or is_uri(cfg.teachers.cache_dir):
-        raise ConfigError("teacher checkpoints and teachers.cache_dir must be filesystem paths (shared between "
+    if any(is_uri(getattr(cfg.teachers, r).checkpoint or "") for r in ("clean", "robust")) or is_uri(teacher_cache_dir(cfg)):
+        raise ConfigError("teacher checkpoints and the teacher cache (teachers.cache_dir, default <output_dir>/teachers) must be filesystem paths (shared between "
                           "nodes for multi-node runs), not URIs")
 
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bmtard_ray.config import RunConfig, TeacherConfig, from_dict, to_dict
+from bmtard_ray.config import RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
 from bmtard_ray.engine import teacher_roles
 
 # Runs a training config to completion; must leave <output_dir>/<name>/model.pt behind.
@@ -36,7 +36,7 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
            "weight_decay": cfg.optim.weight_decay, "gamma": cfg.optim.gamma}, "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     t.name = f"{role}-{tc.arch}-{tc.train_method}-{tc.epochs}ep-{digest}"
-    t.output_dir = cfg.teachers.cache_dir
+    t.output_dir = teacher_cache_dir(cfg)
     t.teachers = type(cfg.teachers)()  # a teacher needs no teachers
     return t
 

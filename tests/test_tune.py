@@ -16,7 +16,7 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from bmtard_ray.config import RunConfig, build_config, to_dict
+from bmtard_ray.config import RunConfig, build_config, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.search_space import load_space, parse_space
 from bmtard_ray.tuning.cli import tune_main
@@ -328,7 +328,7 @@ def test_prepare_resolves_the_trials_config_and_the_settings(tmp_path: Path) -> 
     s, space, cfg = prepare(args)
     assert space.name == "ebb" and cfg.student == "small_cnn"          # the space's base preset: cpu
     assert cfg.ebb.target_mode == "fraction" and cfg.nlb.rho == 0.05 and cfg.optim.epochs == 3
-    assert Path(cfg.data.root).is_absolute() and Path(cfg.teachers.cache_dir).is_absolute()
+    assert Path(cfg.data.root).is_absolute() and Path(teacher_cache_dir(cfg)).is_absolute()
     assert s.experiment_dir == str(tmp_path / "ebb") and s.num_samples == 5
     assert s.objectives == ("val_clean", "val_robust") and s.scheduler == "fifo" and s.base_config["nlb"]["rho"] == 0.05
     smoke = tune_parser().parse_args(["--smoke-test", "--space", "ebb", "--output-dir", str(tmp_path)])
