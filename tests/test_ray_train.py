@@ -215,14 +215,18 @@ TRAJ_TAU_TOL = 2e-3
 TRAJ_W_TOL = 2e-3
 
 
-def _traj_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str, all_reduce: bool) -> None:
+def _traj_worker(rank: int, world: int, store_id: int, cfg: dict[str, Any], out: str, all_reduce: bool) -> None:
     import torch.distributed as dist
 
     from bmtard_ray.dist import DistContext
     from bmtard_ray.loop import Trainer
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not a TCP store on a port picked in advance (which another process can take between
+    # picking and binding). One CI run saw a rank abort (SIGABRT) here with the TCP store; the cause was
+    # not proven, but this removes the one race the test itself introduced.
+    dist.init_process_group("gloo", init_method=f"file://{out}/store-{store_id}", rank=rank,
+                            world_size=world)
     try:
         trainer = Trainer(from_dict(cfg), device=torch.device("cpu"), dist=DistContext())
         if not all_reduce:  # the negative control: each rank balances on its own half batch
@@ -236,7 +240,7 @@ def _traj_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str
 def _traj(world: int, cfg: RunConfig, out: Path, all_reduce: bool = True) -> list[torch.Tensor]:
     import torch.multiprocessing as mp
 
-    mp.spawn(_traj_worker, args=(world, free_port(), to_dict(cfg), str(out), all_reduce), nprocs=world, join=True)
+    mp.spawn(_traj_worker, args=(world, time.time_ns(), to_dict(cfg), str(out), all_reduce), nprocs=world, join=True)
     return [torch.load(out / f"trace-{world}-{int(all_reduce)}-{r}.pt", weights_only=True) for r in range(world)]
 
 
