@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -33,12 +34,20 @@ from bmtard_ray.teachers import ensure_teachers  # noqa: E402
 METHODS = ("sat", "trades", "rslad", "mtard", "bmtard")
 FULL_SUITE = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack", "bb_pgd", "bb_cw")
 
-# Per scale: base preset, overrides for every run, number of test examples for the suite.
+# Per scale: base preset, overrides for every run, seeds, and test examples for the suite (AutoAttack, by
+# far the slowest attack on CPU - 200 s per 500 images for a small CNN on 2 cores - gets its own count).
 SCALES: dict[str, dict[str, Any]] = {
-    "smoke": {"preset": "smoke", "set": ["optim.epochs=1", "eval.n_examples=64"], "seeds": 2},
-    "cpu": {"preset": "cpu", "set": ["eval.n_examples=1000"], "seeds": 3},
-    "gpu": {"preset": "gpu-small", "set": ["optim.epochs=30", "optim.milestones=[22,27]", "eval.n_examples=2000",
-                                           "teachers.clean.checkpoint=pyautoattack"], "seeds": 3},
+    "smoke": {"preset": "smoke", "set": ["optim.epochs=1"], "seeds": 2, "suite_n": 64, "aa_n": 32},
+    "cpu": {"preset": "cpu", "set": ["val_every=0"], "seeds": 3, "suite_n": 500, "aa_n": 200},
+    "gpu": {"preset": "gpu-small", "set": ["optim.epochs=30", "optim.milestones=[22,27]",
+                                           "teachers.clean.checkpoint=pyautoattack"],
+            "seeds": 3, "suite_n": 2000, "aa_n": 1000},
+}
+
+OTHER_SCALES = {
+    "smoke": "python bench/reproduce.py --scale smoke --out runs/reproduce-smoke",
+    "cpu": "python bench/reproduce.py --scale cpu --out runs/reproduce-cpu",
+    "gpu": "python bench/reproduce.py --scale gpu --device cuda --out runs/reproduce-gpu",
 }
 
 # REFERENCE §6, CIFAR-10 ResNet-18 student, 300 epochs with the paper's teachers (percent).
@@ -53,9 +62,11 @@ PUBLISHED = {
 
 def base_config(args: argparse.Namespace, method: str, seed: int) -> RunConfig:
     scale = SCALES[args.scale]
+    # The run's own final evaluation stays cheap (clean + PGD-20); the suite runs afterwards, on test only.
     overrides = [f"data.root={args.data_root}", f"output_dir={args.out / 'runs'}", f"device={args.device}",
                  f"teachers.cache_dir={args.out / 'teachers'}", f"method.name={method}", f"seed={seed}",
-                 f"name={method}-seed{seed}", f"eval.attacks=[{','.join(args.attacks)}]", *scale["set"], *args.set]
+                 f"name={method}-seed{seed}", "eval.attacks=[clean,pgd_sat]", f"eval.n_examples={args.suite_n}",
+                 *scale["set"], *args.set]
     return build_config(scale["preset"], overrides=overrides)
 
 
@@ -79,6 +90,37 @@ def exact_pixel_clean_accuracy(model_file: Path, shared: Path) -> float | None:
     return 100 * (pred == y).float().mean().item()
 
 
+def suite(args: argparse.Namespace, run: Path, robust_ckpt: str) -> tuple[dict[str, Any], float]:
+    """The full suite on the test split with ``run_eval`` (reports kept in ``run/suite``); AutoAttack on
+    its own, smaller subset, its W-Robust against the clean accuracy of that same subset. Finished
+    evaluations are read back, not redone. Returns the merged result and the evaluation seconds."""
+    from bmtard_ray.evaluation.cli import main as run_eval
+
+    def evaluate(name: str, attacks: list[str], n: int) -> dict[str, Any]:
+        report = run / "suite" / name / "model_test.json"  # run_eval names its reports after model.pt
+        if not report.is_file():
+            argv = [str(run / "model.pt"), "--attacks", ",".join(attacks), "--n-examples", str(n),
+                    "--data-root", str(args.data_root), "--device", args.device, "--out", str(report.parent),
+                    "--name", run.name, "--no-progress"]
+            if any(a.startswith("bb_") for a in attacks):
+                argv += ["--source-checkpoint", robust_ckpt]
+            if run_eval(argv) != 0:
+                raise SystemExit(f"error: evaluating {run / 'model.pt'} failed")
+        return json.loads(report.read_text())
+
+    others = [a for a in args.attacks if a != "autoattack"]
+    base = evaluate("suite", others if "clean" in others else ["clean", *others], args.suite_n)
+    result = {"n_examples": base["n_examples"], "accuracy": dict(base["accuracy"]), "w_robust": dict(base["w_robust"])}
+    seconds = sum(base["seconds"].values())
+    if "autoattack" in args.attacks:
+        aa = evaluate("autoattack", ["clean", "autoattack"], args.aa_n)
+        result["accuracy"]["autoattack"] = aa["accuracy"]["autoattack"]
+        result["w_robust"]["autoattack"] = aa["w_robust"]["autoattack"]
+        result["aa_n_examples"] = aa["n_examples"]
+        seconds += sum(aa["seconds"].values())
+    return result, seconds
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
@@ -90,7 +132,8 @@ def fmt(m: float, s: float) -> str:
     return "-" if math.isnan(m) else f"{m:.2f} ± {s:.2f}"
 
 
-def plots(out: Path, rows: dict[str, list[dict[str, Any]]], bmtard_run: Path | None) -> list[str]:
+def plots(out: Path, prefix: str, rows: dict[str, list[dict[str, Any]]], bmtard_run: Path | None) -> list[str]:
+    """Write the PNGs into ``out`` (named ``<prefix>_*.png``); returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,8 +151,9 @@ def plots(out: Path, rows: dict[str, list[dict[str, Any]]], bmtard_run: Path | N
     ax.legend()
     ax.set_title("Clean vs robust accuracy, one point per seed")
     fig.tight_layout()
-    fig.savefig(out / "clean_vs_robust.png", dpi=120)
-    files.append("clean_vs_robust.png")
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{prefix}_clean_vs_robust.png", dpi=120)
+    files.append(f"{prefix}_clean_vs_robust.png")
     if bmtard_run is not None and (bmtard_run / "trace.parquet").is_file():
         t = pq.read_table(bmtard_run / "trace.parquet").to_pydict()
         it = t["iteration"]
@@ -129,13 +173,68 @@ def plots(out: Path, rows: dict[str, list[dict[str, Any]]], bmtard_run: Path | N
             a.set_xlabel("iteration")
             a.legend()
         fig.tight_layout()
-        fig.savefig(out / "bmtard_balance.png", dpi=120)
-        files.append("bmtard_balance.png")
+        fig.savefig(out / f"{prefix}_bmtard_balance.png", dpi=120)
+        files.append(f"{prefix}_bmtard_balance.png")
     return files
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def setup_text(cfg: RunConfig, scale: str) -> list[str]:
+    """What every run shares, and why the numbers cannot match the paper's, from the config itself."""
+    o, t = cfg.optim, cfg.teachers
+    train = f"a stratified {cfg.data.train_subset:,}-image subset" if cfg.data.train_subset else "all"
+    return [
+        f"Every run: student `{cfg.student}`, {o.epochs} epochs, batch {o.batch_size}, SGD lr {o.lr} "
+        f"(x0.1 at epochs {list(o.milestones)}), {train} of the 45,000 training images (5,000 held out "
+        f"for validation), training attack PGD-{cfg.attack.steps} eps 8/255; the same two teachers, data "
+        f"and seeds for every method. The distillation loss scale is {cfg.loss.scale} (affects MTARD and "
+        f"B-MTARD only; SAT, TRADES and RSLAD use their own losses).",
+        f"Teachers: clean `{t.clean.arch}` ({t.clean.train_method}, {t.clean.epochs} epochs"
+        + (f", or checkpoint `{t.clean.checkpoint}`" if t.clean.checkpoint and scale == "gpu" else "")
+        + f"), robust `{t.robust.arch}` ({t.robust.train_method}, {t.robust.epochs} epochs), both trained by "
+        "the toolkit on the same split.",
+        "Why these numbers differ from the paper's: the paper trains a ResNet-18 student for 300 epochs on all "
+        "50,000 original images with a WRN-34-10 robust teacher (~84.9 / 57 %) and a ResNet-56 clean teacher "
+        "(~95 %); here the students, teachers, epochs and data are far smaller, so every method is weaker and "
+        "the gaps between methods need not match. Our CIFAR-10 copy is JPEG-based (exact labels, pixels "
+        "within a few levels); the last accuracy column uses the 1,017 test images whose pixels are exact.",
+    ]
+
+
+def compare_to_bmtard(rows: dict[str, list[dict[str, Any]]], attacks: list[str]) -> list[str]:
+    """B-MTARD minus each baseline, mean over seeds ± the standard error of that difference; a gap is
+    called clear only beyond twice its standard error (seeds are few: this is a rough screen, not a test)."""
+    def diff(method: str, key: str, attack: str) -> str:
+        a = [r[key][attack] for r in rows["bmtard"] if attack in r[key]]
+        b = [r[key][attack] for r in rows[method] if attack in r[key]]
+        if len(a) < 2 or len(b) < 2:
+            return "-"
+        d = statistics.mean(a) - statistics.mean(b)
+        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        verdict = "clear" if abs(d) > 2 * se else "within noise"
+        return f"{d:+.2f} ± {se:.2f} ({verdict})"
+
+    cols = [("accuracy", "clean", "clean acc")] + [("w_robust", a, f"W-Robust {a}") for a in attacks]
+    out = ["B-MTARD minus each baseline (mean difference ± its standard error over seeds; \"clear\" = beyond "
+           "two standard errors):", "", "| baseline | " + " | ".join(c[2] for c in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+    for method in rows:
+        if method != "bmtard":
+            out.append(f"| {method} | " + " | ".join(diff(method, k, a) for k, a, _ in cols) + " |")
+    return out
+
+
 def hardware() -> str:
-    parts = [f"{platform.machine()} CPU, {torch.get_num_threads()} threads", f"torch {torch.__version__}",
+    parts = [f"{cpu_model()}, {torch.get_num_threads()} threads", f"torch {torch.__version__}",
              f"python {platform.python_version()}"]
     if torch.cuda.is_available():
         parts.insert(0, torch.cuda.get_device_name())
@@ -152,13 +251,32 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--results", type=Path, default=None, help="Markdown file to write (default: OUT/RESULTS.md)")
+    p.add_argument("--figures", type=Path, default=None,
+                   help="folder for the PNGs, linked relative to the results file (default: beside it)")
     p.add_argument("--set", action="append", default=[], help="extra dotted override for every run")
+    p.add_argument("--n-examples", type=int, dest="suite_n", help="test examples per attack (default: the scale's)")
+    p.add_argument("--aa-examples", type=int, dest="aa_n", help="test examples for AutoAttack (default: the scale's)")
     args = p.parse_args()
+    args.suite_n = args.suite_n or SCALES[args.scale]["suite_n"]
+    args.aa_n = min(args.aa_n or SCALES[args.scale]["aa_n"], args.suite_n)
     args.methods = [m for m in args.methods.split(",") if m]
     args.attacks = [a for a in args.attacks.split(",") if a]
+    if not args.methods:
+        print("error: --methods is empty", file=sys.stderr)
+        return 2
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         print(f"error: unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    from bmtard_ray.evaluation import ATTACK_NAMES
+
+    bad = [a for a in args.attacks if a not in ATTACK_NAMES]
+    if bad or not args.attacks:
+        print(f"error: unknown attack(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ATTACK_NAMES)}",
+              file=sys.stderr)
+        return 2
+    if args.suite_n < 1 or args.aa_n < 1:
+        print("error: --n-examples and --aa-examples must be positive", file=sys.stderr)
         return 2
     seeds = list(range(args.seeds or SCALES[args.scale]["seeds"]))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +295,7 @@ def main() -> int:
     wall: dict[str, list[float]] = {}
     exact: dict[str, list[float]] = {}
     commands: list[str] = [f"python bench/reproduce.py {' '.join(sys.argv[1:])}"]
+    robust_ckpt = getattr(teacher_cfg.teachers, "robust").checkpoint
     for method in args.methods:
         for seed in seeds:
             cfg = base_config(args, method, seed)
@@ -184,15 +303,14 @@ def main() -> int:
             run = Path(cfg.output_dir) / cfg.name
             if (run / "summary.json").is_file():
                 summary = json.loads((run / "summary.json").read_text())
-                seconds = summary.get("wall_seconds", summary["train_seconds"])
             else:
                 start = time.perf_counter()
                 summary = run_local(cfg, overwrite=True)
-                seconds = time.perf_counter() - start
-                summary["wall_seconds"] = seconds
+                summary["wall_seconds"] = time.perf_counter() - start
                 (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            rows.setdefault(method, []).append(summary["results"]["test"])
-            wall.setdefault(method, []).append(seconds)
+            result, eval_seconds = suite(args, run, robust_ckpt)
+            rows.setdefault(method, []).append(result)
+            wall.setdefault(method, []).append(summary.get("wall_seconds", summary["train_seconds"]) + eval_seconds)
             acc = exact_pixel_clean_accuracy(run / "model.pt", shared)
             if acc is not None:
                 exact.setdefault(method, []).append(acc)
@@ -200,16 +318,22 @@ def main() -> int:
     attacks = [a for a in args.attacks]
     lines = [f"# Reproduction at `{args.scale}` scale", "",
              f"Hardware: {hardware()}. Seeds per method: {len(seeds)}. Test examples per attack: "
-             f"{next(iter(rows.values()))[0]['n_examples']}.", "", "Commands:", "", "```sh", *commands, "```", "",
+             f"{next(iter(rows.values()))[0]['n_examples']} (a seeded, class-stratified subset of the 10,000; the "
+             f"same images for every model)" + (f", AutoAttack (standard) on {args.aa_n} of them, its W-Robust "
+             "against the clean accuracy of those same images" if "autoattack" in args.attacks else "") + ".",
+             "", "Commands:", "", "```sh", *commands, "```", "",
+             *[ln for para in setup_text(cfg, args.scale) for ln in (para, "")],
+             "Other scales (same script): " + "; ".join(f"`{c}`" for sc, c in OTHER_SCALES.items() if sc != args.scale) + ".",
+             "",
              "Teachers (test split): " + "; ".join(
                  f"{role}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.get("accuracy", {}).items()) for role, t in teachers.items()),
              "", "## Accuracy (%), mean ± std over seeds", "",
-             "| method | " + " | ".join(attacks) + " | clean (exact-pixel subset) | wall-clock per run (s) |",
+             "| method | " + " | ".join(attacks) + " | clean (exact-pixel subset) | wall-clock per run (s), train + eval |",
              "|---|" + "---:|" * (len(attacks) + 2)]
     for method, runs in rows.items():
         cells = [fmt(*mean_std([r["accuracy"].get(a, math.nan) for r in runs])) for a in attacks]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {fmt(*mean_std(exact.get(method, [])))} | "
-                     f"{statistics.mean(wall[method]):.0f} |")
+                     "{:.0f} ± {:.0f} |".format(*mean_std(wall[method])))
     lines += ["", "## W-Robust Acc = (clean + robust) / 2, mean ± std", "",
               "| method | " + " | ".join(a for a in attacks if a != "clean") + " |",
               "|---|" + "---:|" * (len(attacks) - 1)]
@@ -228,10 +352,14 @@ def main() -> int:
     lines += ["", "## Ordering", "",
               f"By mean W-Robust under {headline}: " + " > ".join(order) + ". "
               + ("B-MTARD ranks first at this scale." if best == "bmtard" else f"B-MTARD does not rank first at this scale ({best} does).")]
-    bm = args.out / "runs" / "bmtard-seed0"
-    files = plots(args.out, rows, bm if bm.is_dir() else None)
-    lines += ["", *[f"![{f}]({f})" for f in files]]
+    if "bmtard" in rows and len(rows) > 1:
+        lines += ["", *compare_to_bmtard(rows, [a for a in (headline, "autoattack") if a in attacks])]
     target = args.results or args.out / "RESULTS.md"
+    figures = args.figures or target.parent
+    bm = args.out / "runs" / "bmtard-seed0"
+    files = plots(figures, args.scale, rows, bm if bm.is_dir() else None)
+    rel = Path(os.path.relpath(figures.resolve(), target.parent.resolve()))
+    lines += ["", *[f"![{f}]({(rel / f).as_posix()})" for f in files]]
     target.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {target}")
