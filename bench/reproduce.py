@@ -188,8 +188,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def setup_text(cfg: RunConfig, scale: str) -> list[str]:
-    """What every run shares, and why the numbers cannot match the paper's, from the config itself."""
+def setup_text(cfg: RunConfig) -> list[str]:
+    """What every run shares, and why the numbers cannot match the paper's, from the config itself
+    (before the teachers are resolved, so that a given checkpoint reads as given)."""
     o, t = cfg.optim, cfg.teachers
     train = f"a stratified {cfg.data.train_subset:,}-image subset" if cfg.data.train_subset else "all"
     return [
@@ -198,15 +199,16 @@ def setup_text(cfg: RunConfig, scale: str) -> list[str]:
         f"for validation), training attack PGD-{cfg.attack.steps} eps 8/255; the same two teachers, data "
         f"and seeds for every method. The distillation loss scale is {cfg.loss.scale} (affects MTARD and "
         f"B-MTARD only; SAT, TRADES and RSLAD use their own losses).",
-        f"Teachers: clean `{t.clean.arch}` ({t.clean.train_method}, {t.clean.epochs} epochs"
-        + (f", or checkpoint `{t.clean.checkpoint}`" if t.clean.checkpoint and scale == "gpu" else "")
-        + f"), robust `{t.robust.arch}` ({t.robust.train_method}, {t.robust.epochs} epochs), both trained by "
-        "the toolkit on the same split.",
+        "Teachers, shared by every run: " + "; ".join(
+            f"{role} `{getattr(t, role).checkpoint}` (given)" if getattr(t, role).checkpoint else
+            f"{role} `{getattr(t, role).arch}` ({getattr(t, role).train_method}, {getattr(t, role).epochs} epochs, "
+            "trained by the toolkit on the same split)" for role in ("clean", "robust")) + ".",
         "Why these numbers differ from the paper's: the paper trains a ResNet-18 student for 300 epochs on all "
-        "50,000 original images with a WRN-34-10 robust teacher (~84.9 / 57 %) and a ResNet-56 clean teacher "
-        "(~95 %); here the students, teachers, epochs and data are far smaller, so every method is weaker and "
-        "the gaps between methods need not match. Our CIFAR-10 copy is JPEG-based (exact labels, pixels "
-        "within a few levels); the last accuracy column uses the 1,017 test images whose pixels are exact.",
+        "50,000 original images with the public TRADES WRN-34-10 as robust teacher (~85 % clean, ~57 % PGD-20) "
+        "and a ResNet-56 clean teacher (~93 %); here the students, teachers, epochs and data are far smaller, "
+        "so every method is weaker and the gaps between methods need not match. Our CIFAR-10 copy is "
+        "JPEG-based (quality ~75, exact labels) but for the first 1,017 images of each batch; the exact-pixel "
+        "column is the clean accuracy on those 1,017 test images.",
     ]
 
 
@@ -322,7 +324,7 @@ def main() -> int:
              f"same images for every model)" + (f", AutoAttack (standard) on {args.aa_n} of them, its W-Robust "
              "against the clean accuracy of those same images" if "autoattack" in args.attacks else "") + ".",
              "", "Commands:", "", "```sh", *commands, "```", "",
-             *[ln for para in setup_text(cfg, args.scale) for ln in (para, "")],
+             *[ln for para in setup_text(base_config(args, "bmtard", 0)) for ln in (para, "")],
              "Other scales (same script): " + "; ".join(f"`{c}`" for sc, c in OTHER_SCALES.items() if sc != args.scale) + ".",
              "",
              "Teachers (test split): " + "; ".join(
