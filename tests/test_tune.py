@@ -328,8 +328,15 @@ def test_prepare_resolves_the_trials_config_and_the_settings(tmp_path: Path) -> 
     s, space, cfg = prepare(args)
     assert space.name == "ebb" and cfg.student == "small_cnn"          # the space's base preset: cpu
     assert cfg.ebb.target_mode == "fraction" and cfg.nlb.rho == 0.05 and cfg.optim.epochs == 3
-    assert Path(cfg.data.root).is_absolute() and Path(teacher_cache_dir(cfg)).is_absolute()
+    assert Path(cfg.data.root).is_absolute() and teacher_cache_dir(cfg) == str(tmp_path / "teachers")
     assert s.experiment_dir == str(tmp_path / "ebb") and s.num_samples == 5
+    # Without --output-dir the teachers are the ones run_train.py caches: <cwd>/runs/teachers.
+    default = prepare(tune_parser().parse_args(["--space", "ebb"]))[2]
+    assert teacher_cache_dir(default) == str(Path.cwd() / "runs" / "teachers")
+    # An experiment cannot take the teacher cache's folder.
+    clash = tune_parser().parse_args(["--space", "ebb", "--output-dir", str(tmp_path), "--name", "teachers"])
+    with pytest.raises(ConfigError, match="teacher cache"):
+        prepare(clash)
     assert s.objectives == ("val_clean", "val_robust") and s.scheduler == "fifo" and s.base_config["nlb"]["rho"] == 0.05
     smoke = tune_parser().parse_args(["--smoke-test", "--space", "ebb", "--output-dir", str(tmp_path)])
     s, _, cfg = prepare(smoke)
@@ -373,8 +380,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def smoke_args(tmp_path: Path, cifar_root: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "run_tune.py"), "--smoke-test", "--data-root", str(cifar_root),
-            "--output-dir", str(tmp_path / "runs"), "--set", f"teachers.cache_dir={tmp_path / 'teachers'}", "--quiet",
-            *extra]
+            "--output-dir", str(tmp_path / "runs"), "--quiet", *extra]  # teachers: <output-dir>/teachers
 
 
 def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict]:
@@ -518,6 +524,8 @@ def test_works_under_ray_job_submit_with_token_authentication(tmp_path: Path, ci
                              capture_output=True, text=True, timeout=900)
         assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, job.stdout[-4000:] + job.stderr[-4000:]
         check_experiment(tmp_path / "runs" / "smoke", 4, multi=True)
+        # The job ran in a temporary copy of the code; its teachers stayed under the absolute --output-dir.
+        assert len(list((tmp_path / "runs" / "teachers").glob("*/model.pt"))) == 2
     finally:
         head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bmtard_ray.cli import SHORTCUTS, add_config_args, guarded
-from bmtard_ray.config import RunConfig, build_config, nest, to_dict
+from bmtard_ray.config import RunConfig, build_config, nest, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.search_space import SearchSpace, check_space, describe_space, load_space, space_names
 from bmtard_ray.tuning.settings import (DEFAULT_MULTI_OBJECTIVES, DEFAULT_OBJECTIVE, SAMPLERS, SCHEDULERS,
@@ -87,6 +87,11 @@ def base_config(args: argparse.Namespace, space: SearchSpace) -> RunConfig:
     if cfg.val_every != 1 or cfg.checkpoint_every != 1:
         raise ConfigError(f"tuning validates and checkpoints every epoch: remove the setting of val_every "
                           f"({cfg.val_every}) / checkpoint_every ({cfg.checkpoint_every}) or set both to 1")
+    # Trials write to the experiment folder; the base config's output_dir only places the teacher cache
+    # (<output_dir>/teachers): runs/teachers by default, shared with run_train.py, else under --output-dir,
+    # so that a job submitted with an absolute --output-dir keeps its teachers too.
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
     from bmtard_ray.ray_train import absolute_paths  # trials run in other processes and working directories
 
     return absolute_paths(cfg)
@@ -113,6 +118,9 @@ def settings_from_args(args: argparse.Namespace, space: SearchSpace, cfg: RunCon
     name = args.name or space.name
     if not name or "/" in name:
         raise ConfigError(f"--name must be a plain folder name, got '{name}'")
+    if (output_dir / name).resolve() == Path(teacher_cache_dir(cfg)).resolve():
+        raise ConfigError(f"--name '{name}' would put the experiment into the teacher cache {output_dir / name}; "
+                          "choose another name")
     num_samples = args.num_samples if args.num_samples is not None else (SMOKE["num_samples"] if args.smoke_test else 16)
     final_attacks = args.final_attacks or (SMOKE["final_attacks"] if args.smoke_test else "")
     final_examples = args.final_examples or (SMOKE["final_examples"] if args.smoke_test else None)
