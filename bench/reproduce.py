@@ -13,10 +13,12 @@ the same budget, and the table reports mean and standard deviation over seeds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bmtard_ray.config import RunConfig, build_config, to_dict  # noqa: E402
+from bmtard_ray.errors import BmtardError  # noqa: E402
 from bmtard_ray.runner import run_local  # noqa: E402
 from bmtard_ray.teachers import ensure_teachers  # noqa: E402
 
@@ -70,17 +73,27 @@ def base_config(args: argparse.Namespace, method: str, seed: int) -> RunConfig:
     return build_config(scale["preset"], overrides=overrides)
 
 
-def exact_pixel_clean_accuracy(model_file: Path, shared: Path) -> float | None:
-    """Clean accuracy on the 1,017 test images whose pixels are exact (no JPEG loss), for comparison."""
+@functools.lru_cache(maxsize=1)
+def exact_pixel_test_images(shared: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The 1,017 test images whose pixels are exact (no JPEG loss) and their labels; read once."""
     import numpy as np
-
-    from bmtard_ray.models import build_model
 
     prefix, jpeg = shared / "data" / "cifar10_exact_prefix.npz", shared / "data" / "cifar10_jpeg.npz"
     if not prefix.is_file() or not jpeg.is_file():
         return None
     x = torch.from_numpy(np.load(prefix)["test_exact"].reshape(-1, 3, 32, 32)).float() / 255
     y = torch.from_numpy(np.load(jpeg)["test_labels"][: x.shape[0]].astype("int64"))
+    return x, y
+
+
+def exact_pixel_clean_accuracy(model_file: Path, shared: Path) -> float | None:
+    """Clean accuracy on the exact-pixel test images, for comparison with the JPEG-based test split."""
+    from bmtard_ray.models import build_model
+
+    data = exact_pixel_test_images(shared)
+    if data is None:
+        return None
+    x, y = data
     record = torch.load(model_file, weights_only=True)
     model = build_model(record["arch"], record["num_classes"])
     model.load_state_dict(record["state_dict"])
@@ -250,7 +263,7 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--attacks", default=",".join(FULL_SUITE))
     p.add_argument("--data-root", default="data")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--results", type=Path, default=None, help="Markdown file to write (default: OUT/RESULTS.md)")
     p.add_argument("--figures", type=Path, default=None,
@@ -259,8 +272,11 @@ def main() -> int:
     p.add_argument("--n-examples", type=int, dest="suite_n", help="test examples per attack (default: the scale's)")
     p.add_argument("--aa-examples", type=int, dest="aa_n", help="test examples for AutoAttack (default: the scale's)")
     args = p.parse_args()
-    args.suite_n = args.suite_n or SCALES[args.scale]["suite_n"]
-    args.aa_n = min(args.aa_n or SCALES[args.scale]["aa_n"], args.suite_n)
+    scale = SCALES[args.scale]
+    # "is None", not "or": an explicit 0 is an error below, not a request for the default.
+    args.suite_n = scale["suite_n"] if args.suite_n is None else args.suite_n
+    args.aa_n = min(scale["aa_n"] if args.aa_n is None else args.aa_n, args.suite_n)
+    args.seeds = scale["seeds"] if args.seeds is None else args.seeds
     args.methods = [m for m in args.methods.split(",") if m]
     args.attacks = [a for a in args.attacks.split(",") if a]
     if not args.methods:
@@ -277,10 +293,25 @@ def main() -> int:
         print(f"error: unknown attack(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ATTACK_NAMES)}",
               file=sys.stderr)
         return 2
-    if args.suite_n < 1 or args.aa_n < 1:
-        print("error: --n-examples and --aa-examples must be positive", file=sys.stderr)
+    for flag, value in (("--n-examples", args.suite_n), ("--aa-examples", args.aa_n), ("--seeds", args.seeds)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    created = not args.out.exists()
+    try:
+        for method in args.methods:  # every run's config is valid before anything is written
+            base_config(args, method, 0)
+        return compare(args)
+    except BmtardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if created and args.out.exists() and not any(f.is_file() for f in args.out.rglob("*")):
+            shutil.rmtree(args.out)  # nothing but empty folders: leave no trace of the failed start
         return 2
-    seeds = list(range(args.seeds or SCALES[args.scale]["seeds"]))
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Teachers, then every method x seed (trained, then evaluated), then the report."""
+    seeds = list(range(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     shared = Path(__file__).resolve().parents[2] / "shared"
 

@@ -53,3 +53,17 @@ def test_reproduce_rejects_unknown_attack(tmp_path: Path) -> None:
                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown attack(s) pgd50" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--n-examples", "0"], "--n-examples must be >= 1, got 0"),
+    (["--set", "optim.epochs=-1"], "optim.epochs must be >= 1, got -1"),
+    (["--data-root", "/nonexistent-cifar"], "data root /nonexistent-cifar does not exist"),
+])
+def test_reproduce_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--scale", "smoke",
+                           "--out", str(tmp_path / "r"), *flags], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
