@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bmtard_ray.config import RunConfig, build_config, replace  # noqa: E402
 from bmtard_ray.data import dataset_info  # noqa: E402
 from bmtard_ray.io import atomic_torch_save  # noqa: E402
-from bmtard_ray.loop import Trainer, model_record  # noqa: E402
+from bmtard_ray.loop import Trainer  # noqa: E402
+from bmtard_ray.models.checkpoint import model_record  # noqa: E402
 from bmtard_ray.models import build_model  # noqa: E402
 
 

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bmtard_ray.config import RunConfig, build_config  # noqa: E402
 from bmtard_ray.data import Split  # noqa: E402
-from bmtard_ray.loop import DataBundle, Trainer  # noqa: E402
+from bmtard_ray.data import DataBundle  # noqa: E402
+from bmtard_ray.loop import Trainer  # noqa: E402
 from bmtard_ray.models import build_model  # noqa: E402
 from bmtard_ray.data import dataset_info  # noqa: E402
 

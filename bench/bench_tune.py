@@ -68,7 +68,7 @@ def local_run_seconds(common: list[str], epochs: int) -> float:
 
     from bmtard_ray.loop import Trainer
     from bmtard_ray.tuning.cli import base_config, tune_parser
-    from bmtard_ray.search_space import load_space
+    from bmtard_ray.tuning.search_space import load_space
 
     torch.set_num_threads(1)  # a trial's worker gets one CPU
     args = tune_parser().parse_args(["--space", "smoke", *common, "--epochs", str(epochs)])

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bmtard_ray.config import METHOD_NAMES, RunConfig, build_config, preset_names
+from bmtard_ray.config import RunConfig, _apply, build_config, nest, parse_override, preset_names, validate
+from bmtard_ray.names import METHOD_NAMES
 from bmtard_ray.errors import BmtardError, ConfigError
 
 # Shortcut flags -> dotted config keys.
@@ -106,8 +107,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The run's config: from the options, or, with --resume, the saved one plus any explicit overrides."""
     if not getattr(args, "resume", None) or "://" in str(args.resume):  # a URI run folder: config from the options
         return config_from_args(args)
-    from bmtard_ray.config import nest, parse_override, to_dict, validate, _apply
-    from bmtard_ray.runner import load_resume_state
+    from bmtard_ray.storage import load_resume_state  # reads torch files: not needed for --help
 
     _, cfg = load_resume_state(args.resume)
     shortcuts = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()

@@ -16,11 +16,11 @@ from typing import Any, get_type_hints
 import yaml
 
 from bmtard_ray.errors import ConfigError
+from bmtard_ray.names import (ATTACK_NAMES, DATASET_NAMES, DEVICES, METHOD_NAMES, MODEL_NAMES,
+                              TEACHER_TRAIN_METHODS)
 
-METHOD_NAMES = ("bmtard", "mtard", "natural", "sat", "trades", "ard", "rslad")
 REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
 ENTROPY_TARGET_MODES = ("absolute", "fraction")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -348,11 +348,6 @@ def _finite(x: float) -> bool:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    # Imported here so that config stays importable on its own (models/data import torch).
-    from bmtard_ray.data import DATASET_NAMES
-    from bmtard_ray.evaluation import ATTACK_NAMES
-    from bmtard_ray.models import MODEL_NAMES
-
     c = cfg
     _check(c.method.name in METHOD_NAMES,
            f"unknown method '{c.method.name}'; choose one of: {', '.join(METHOD_NAMES)}")
@@ -412,7 +407,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for role in ("clean", "robust"):
         t: TeacherConfig = getattr(c.teachers, role)
         _check(t.arch in MODEL_NAMES, f"unknown teachers.{role}.arch '{t.arch}'; choose one of: {', '.join(MODEL_NAMES)}")
-        _check(t.train_method in ("natural", "sat", "trades"),
+        _check(t.train_method in TEACHER_TRAIN_METHODS,
                f"teachers.{role}.train_method must be natural, sat or trades, got '{t.train_method}'")
         _check(t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0,
                f"teachers.{role}: epochs, batch_size and lr must be positive")

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bmtard_ray.config import RunConfig
 from bmtard_ray.errors import ConfigError, DataError
+from bmtard_ray.names import DATASET_NAMES
 
-DATASET_NAMES = ("cifar10", "cifar100", "tiny-imagenet")
 
 CROP_PADDING = 4  # the standard CIFAR recipe (and the paper's): RandomCrop(32, padding=4) + flip
 
@@ -451,3 +452,29 @@ def make_reference_loader(split: Split, batch_size: int, *, shuffle: bool, augme
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                                        drop_last=shuffle if drop_last is None else drop_last, generator=g,
                                        persistent_workers=num_workers > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run's data: the splits a configuration trains, validates and tests on.
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split
+    test: Split
+    info: DatasetInfo
+
+
+def prepare_data(cfg: RunConfig) -> DataBundle:
+    """Load the dataset, carve the validation split from the training set, apply the CPU-preset subsets."""
+    d = cfg.data
+    train, test, info = load_dataset(d.dataset, d.root, download=d.download)
+    if d.val_size >= len(train):
+        raise ConfigError(f"data.val_size ({d.val_size}) must be smaller than the training set ({len(train)})")
+    train, val = train_val_split(train, d.val_size, d.split_seed)
+    if d.train_subset is not None and d.train_subset < len(train):
+        train = stratified_subset(train, d.train_subset, d.split_seed)
+    if d.test_subset is not None and d.test_subset < len(test):
+        test = stratified_subset(test, d.test_subset, d.split_seed)
+    return DataBundle(train, val, test, info)

@@ -1,8 +1,8 @@
 """One training step per method (REFERENCE §1 and §4): pure torch, no I/O, no host sync.
 
 A task's ``step(x, y)`` crafts its adversarial batch, runs the passes, updates its balance state and
-returns the loss to back-propagate plus a row of detached statistics; the loop only calls it, steps the
-optimizer and collects the rows. The teachers are frozen, run under ``no_grad`` and are never wrapped in
+returns the loss to back-propagate plus named, detached statistics (device tensors); the loop only calls it,
+steps the optimizer, stacks the statistics on the device and moves them to the host once per epoch. The teachers are frozen, run under ``no_grad`` and are never wrapped in
 DDP; the attack runs on the *unwrapped* student so its passes trigger no gradient all-reduce.
 """
 from __future__ import annotations
@@ -22,12 +22,13 @@ from bmtard_ray import attacks
 from bmtard_ray.balance import EntropyBalance, LossBalance
 from bmtard_ray.config import EBBConfig, RunConfig
 from bmtard_ray.losses import distill_kl, kl_student_student, mean_entropy, reduce_elements
+from bmtard_ray.names import METHOD_TEACHERS
 
-# Per-iteration statistics every task returns, in this order. NaN where a method has no such quantity.
-# For the distillation methods the values are those of the global batch (all-reduced across workers).
-ROW_COLUMNS = ("loss", "L_adv", "L_nat", "H_adv", "H_nat", "tau_adv", "tau_nat", "w_adv", "w_nat")
+# The per-iteration statistics a task may return (each task returns the ones it has; the trace shows NaN for
+# the others), in the trace's column order.
+STAT_NAMES = ("loss", "L_adv", "L_nat", "H_adv", "H_nat", "tau_adv", "tau_nat", "w_adv", "w_nat")
 # Per-iteration counts, summed over the epoch and across workers by the loop.
-COUNT_COLUMNS = ("correct_adv", "correct_nat", "seen_adv", "seen_nat", "n")
+COUNT_NAMES = ("correct_adv", "correct_nat", "seen_adv", "seen_nat", "n")
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -38,9 +39,15 @@ def _identity(t: Tensor) -> Tensor:
 
 @dataclass
 class StepOutput:
-    loss: Tensor     # scalar with grad
-    row: Tensor      # (len(ROW_COLUMNS),) detached
-    counts: Tensor   # (len(COUNT_COLUMNS),) detached
+    loss: Tensor                # scalar with grad
+    stats: dict[str, Tensor]    # detached scalars named from STAT_NAMES (this rank's, unless global_stats)
+    counts: dict[str, Tensor]   # detached scalars named from COUNT_NAMES (this rank's)
+
+    def row(self) -> Tensor:
+        """The statistics in STAT_NAMES order, NaN where this task has none (for inspection and tests)."""
+        ref = self.loss.detach()
+        return torch.stack([self.stats[k].float() if k in self.stats else torch.full((), math.nan, device=ref.device)
+                            for k in STAT_NAMES])
 
 
 @dataclass
@@ -49,19 +56,18 @@ class Teachers:
     robust: nn.Module | None = None
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """A teacher: eval mode for good, no parameter wants a gradient."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 class Task(ABC):
     """Base class. ``model`` may be a DDP wrapper; ``raw`` is the plain student it wraps."""
 
     name = "base"
-    needs = ()  # teacher roles this method requires
+    # True when step() already returns global-batch statistics (B-MTARD all-reduces them every step for
+    # its balance); otherwise the loop averages them over ranks once per epoch.
+    global_stats = False
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Teacher roles this method requires (the registry in :mod:`bmtard_ray.names`)."""
+        return METHOD_TEACHERS[self.name]
 
     def __init__(self, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int, *,
                  reduce_mean: ReduceFn = _identity, autocast: Callable[[], ContextManager[Any]] = nullcontext) -> None:
@@ -74,15 +80,13 @@ class Task(ABC):
                 raise ValueError(f"method {self.name} needs a {role} teacher")
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _nan(self, ref: Tensor) -> Tensor:
-        return torch.full((), math.nan, device=ref.device)
-
-    def _counts(self, y: Tensor, adv_logits: Tensor | None, nat_logits: Tensor | None) -> Tensor:
+    def _counts(self, y: Tensor, adv_logits: Tensor | None, nat_logits: Tensor | None) -> dict[str, Tensor]:
         zero = torch.zeros((), device=y.device)
         n = torch.full((), float(y.shape[0]), device=y.device)
         ca = (adv_logits.argmax(1) == y).sum().float() if adv_logits is not None else zero
         cn = (nat_logits.argmax(1) == y).sum().float() if nat_logits is not None else zero
-        return torch.stack([ca, cn, n if adv_logits is not None else zero, n if nat_logits is not None else zero, n])
+        return {"correct_adv": ca, "correct_nat": cn, "seen_adv": n if adv_logits is not None else zero,
+                "seen_nat": n if nat_logits is not None else zero, "n": n}
 
     def _attack_ce(self, x: Tensor, y: Tensor, start: str = "gaussian") -> Tensor:
         a = self.cfg.attack
@@ -109,7 +113,7 @@ class BMTARD(Task):
     """Balanced multi-teacher distillation (REFERENCE §1); ``ebb.enabled=False`` gives MTARD."""
 
     name = "bmtard"
-    needs = ("clean", "robust")
+    global_stats = True
 
     def __init__(self, *args: Any, ebb: EBBConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,8 +147,10 @@ class BMTARD(Task):
         # 6. The loss to back-propagate; tau and w carry no gradient.
         loss = w_adv * l_adv + w_nat * l_nat
         global_loss = w_adv * stats[0] + w_nat * stats[1]
-        row = torch.stack([global_loss, stats[0], stats[1], stats[2], stats[3], tau[0], tau[1], w_adv, w_nat])
-        return StepOutput(loss, row.detach(), self._counts(y, s_adv.detach(), s_nat.detach()))
+        named = {"loss": global_loss, "L_adv": stats[0], "L_nat": stats[1], "H_adv": stats[2], "H_nat": stats[3],
+                 "tau_adv": tau[0], "tau_nat": tau[1], "w_adv": w_adv, "w_nat": w_nat}
+        return StepOutput(loss, {k: v.detach() for k, v in named.items()},
+                          self._counts(y, s_adv.detach(), s_nat.detach()))
 
     def decay(self, factor: float) -> None:
         self.ebb.decay(factor)
@@ -177,9 +183,7 @@ class Natural(Task):
         with self.autocast():
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y)
-        nan = self._nan(loss)
-        row = self.reduce_mean(torch.stack([loss.detach(), nan, loss.detach(), nan, nan, nan, nan, nan, nan]))
-        return StepOutput(loss, row, self._counts(y, None, logits.detach()))
+        return StepOutput(loss, {"loss": loss.detach(), "L_nat": loss.detach()}, self._counts(y, None, logits.detach()))
 
 
 class SAT(Task):
@@ -193,9 +197,7 @@ class SAT(Task):
         with self.autocast():
             logits = self.model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
-        nan = self._nan(loss)
-        row = self.reduce_mean(torch.stack([loss.detach(), loss.detach(), nan, nan, nan, nan, nan, nan, nan]))
-        return StepOutput(loss, row, self._counts(y, logits.detach(), None))
+        return StepOutput(loss, {"loss": loss.detach(), "L_adv": loss.detach()}, self._counts(y, logits.detach(), None))
 
 
 class TRADES(Task):
@@ -215,16 +217,14 @@ class TRADES(Task):
         l_nat = F.cross_entropy(s_nat.float(), y)
         l_adv = kl_student_student(s_nat, s_adv)
         loss = l_nat + m.trades_beta * l_adv
-        nan = self._nan(loss)
-        row = self.reduce_mean(torch.stack([loss.detach(), l_adv.detach(), l_nat.detach(), nan, nan, nan, nan, nan, nan]))
-        return StepOutput(loss, row, self._counts(y, s_adv.detach(), s_nat.detach()))
+        stats = {"loss": loss.detach(), "L_adv": l_adv.detach(), "L_nat": l_nat.detach()}
+        return StepOutput(loss, stats, self._counts(y, s_adv.detach(), s_nat.detach()))
 
 
 class ARD(Task):
     """alpha * T^2 * KL(T_robust(x)/T || S(x_adv)/T) + (1 - alpha) * CE(S(x), y); CE attack on the student."""
 
     name = "ard"
-    needs = ("robust",)
 
     def step(self, x: Tensor, y: Tensor) -> StepOutput:
         m, lc = self.cfg.method, self.cfg.loss
@@ -241,16 +241,14 @@ class ARD(Task):
         l_adv = m.ard_alpha * t * t * kl
         l_nat = (1 - m.ard_alpha) * F.cross_entropy(s_nat.float(), y) if s_nat is not None else torch.zeros_like(l_adv)
         loss = l_adv + l_nat
-        nan = self._nan(loss)
-        row = self.reduce_mean(torch.stack([loss.detach(), l_adv.detach(), l_nat.detach(), nan, nan, nan, nan, nan, nan]))
-        return StepOutput(loss, row, self._counts(y, s_adv.detach(), None if s_nat is None else s_nat.detach()))
+        stats = {"loss": loss.detach(), "L_adv": l_adv.detach(), "L_nat": l_nat.detach()}
+        return StepOutput(loss, stats, self._counts(y, s_adv.detach(), None if s_nat is None else s_nat.detach()))
 
 
 class RSLAD(Task):
     """Robust teacher's soft labels on clean x as targets for S(x) (1/6) and S(x_adv) (5/6)."""
 
     name = "rslad"
-    needs = ("robust",)
 
     def step(self, x: Tensor, y: Tensor) -> StepOutput:
         a, m, lc = self.cfg.attack, self.cfg.method, self.cfg.loss
@@ -267,18 +265,14 @@ class RSLAD(Task):
         l_adv, _ = distill_kl(t_nat, s_adv, 1.0, reduction=lc.reduction, log_eps=lc.log_eps)
         l_nat, _ = distill_kl(t_nat, s_nat, 1.0, reduction=lc.reduction, log_eps=lc.log_eps)
         loss = m.rslad_adv_weight * l_adv + m.rslad_nat_weight * l_nat
-        nan = self._nan(loss)
-        row = self.reduce_mean(torch.stack([loss.detach(), l_adv.detach(), l_nat.detach(), nan, nan, nan, nan,
-                                            torch.full_like(loss, m.rslad_adv_weight).detach(),
-                                            torch.full_like(loss, m.rslad_nat_weight).detach()]))
-        return StepOutput(loss, row, self._counts(y, s_adv.detach(), s_nat.detach()))
+        stats = {"loss": loss.detach(), "L_adv": l_adv.detach(), "L_nat": l_nat.detach(),
+                 "w_adv": torch.full_like(loss, m.rslad_adv_weight).detach(),
+                 "w_nat": torch.full_like(loss, m.rslad_nat_weight).detach()}
+        return StepOutput(loss, stats, self._counts(y, s_adv.detach(), s_nat.detach()))
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (BMTARD, MTARD, Natural, SAT, TRADES, ARD, RSLAD)}
-
-
-def teacher_roles(method: str) -> tuple[str, ...]:
-    return TASKS[method].needs
+assert tuple(TASKS) == tuple(METHOD_TEACHERS)
 
 
 def build_task(method: str, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int,

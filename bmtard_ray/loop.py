@@ -8,40 +8,35 @@ moved to the host once, at the end of the epoch.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bmtard_ray import io
-from bmtard_ray.config import EvalConfig, RunConfig, TeacherConfig, to_dict
-from bmtard_ray.data import BatchLoader, DatasetInfo, Split, load_dataset, make_reference_loader, stratified_subset, train_val_split
+from bmtard_ray.config import EvalConfig, RunConfig, to_dict
+from bmtard_ray.data import BatchLoader, DataBundle, Split, make_reference_loader, prepare_data, stratified_subset
+from bmtard_ray.device import autocast_for, select_device
 from bmtard_ray.dist import DistContext
-from bmtard_ray.engine import COUNT_COLUMNS, ROW_COLUMNS, Teachers, Task, build_task, freeze, teacher_roles
+from bmtard_ray.engine import COUNT_NAMES, STAT_NAMES, Teachers, Task, build_task
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.evaluation.core import evaluate, w_robust
 from bmtard_ray.models import build_model
+from bmtard_ray.models.checkpoint import model_record
+from bmtard_ray.names import teacher_roles
+from bmtard_ray.storage import CHECKPOINT_FORMAT
+from bmtard_ray.summary import build_summary, teacher_provenance, write_run_outputs
+from bmtard_ray.teachers import load_teacher
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 EpochLogger = Callable[[dict[str, Any]], None]
 
-TRACE_COLUMNS = ("iteration", "epoch") + ROW_COLUMNS
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+TRACE_COLUMNS = ("iteration", "epoch") + STAT_NAMES
 
 
 def seed_everything(seed: int) -> None:
@@ -52,71 +47,6 @@ def seed_everything(seed: int) -> None:
 def schedule_factor(epoch: int, milestones: tuple[int, ...], gamma: float) -> float:
     """Multiplier for lr, eta_tau and rho in (1-based) ``epoch``: gamma ** (milestones reached)."""
     return gamma ** sum(epoch >= m for m in milestones)
-
-
-def autocast_for(device: torch.device, fast: bool) -> Callable[[], ContextManager[Any]]:
-    """bf16 autocast on CUDA when ``fast``; fp32 otherwise (CPU autocast is slower than fp32 here)."""
-    if fast and device.type == "cuda":
-        return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext
-
-
-@dataclass
-class DataBundle:
-    train: Split
-    val: Split
-    test: Split
-    info: DatasetInfo
-
-
-def prepare_data(cfg: RunConfig) -> DataBundle:
-    """Load the dataset, carve the validation split from the training set, apply the CPU-preset subsets."""
-    d = cfg.data
-    train, test, info = load_dataset(d.dataset, d.root, download=d.download)
-    if d.val_size >= len(train):
-        raise ConfigError(f"data.val_size ({d.val_size}) must be smaller than the training set ({len(train)})")
-    train, val = train_val_split(train, d.val_size, d.split_seed)
-    if d.train_subset is not None and d.train_subset < len(train):
-        train = stratified_subset(train, d.train_subset, d.split_seed)
-    if d.test_subset is not None and d.test_subset < len(test):
-        test = stratified_subset(test, d.test_subset, d.split_seed)
-    return DataBundle(train, val, test, info)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Model files: the format every saved model (student or teacher) uses, readable with weights_only=True.
-
-
-def model_record(model: nn.Module, arch: str, info: DatasetInfo, cfg: RunConfig, extra: dict[str, Any] | None = None,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
-    return {"format": "bmtard_ray.model/1", "arch": arch, "num_classes": info.num_classes, "dataset": info.name,
-            "mean": list(mean) if mean else None, "std": list(std) if std else None,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": to_dict(cfg), **(extra or {})}
-
-
-def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
-    """Build a frozen teacher from its checkpoint (ours, a public one, or the pyautoattack ResNet-18)."""
-    from bmtard_ray.evaluation.cli import load_model
-
-    if not tc.checkpoint:
-        raise ConfigError(f"no checkpoint for the {role} teacher: run through run_train.py (which trains and caches "
-                          f"the teachers) or set teachers.{role}.checkpoint")
-    # One loader for every model file: our own format carries its architecture and normalisation.
-    loaded = load_model(tc.checkpoint, None if tc.checkpoint == "pyautoattack" else tc.arch, info.num_classes,
-                        dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher")
-    return freeze(loaded.model.to(device))
-
-
-def check_given_teachers(cfg: RunConfig, info: DatasetInfo) -> None:
-    """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained."""
-    for role in teacher_roles(cfg.method.name):
-        tc: TeacherConfig = getattr(cfg.teachers, role)
-        if tc.checkpoint:
-            load_teacher(role, tc, info, torch.device("cpu"))
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -205,14 +135,14 @@ class Trainer:
 
     # --- checkpoint state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"format": "bmtard_ray.checkpoint/1", "epoch": self.state.epoch, "config": to_dict(self.cfg),
+        return {"format": CHECKPOINT_FORMAT, "epoch": self.state.epoch, "config": to_dict(self.cfg),
                 "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "task": self.task.state_dict(),
                 "history": self.state.history, "trace": self.state.trace, "rng": _rng_state(),
                 "world_size": self.dist.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "bmtard_ray.checkpoint/1":
+        if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError("not a bmtard_ray training checkpoint (missing format tag)")
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -233,8 +163,8 @@ class Trainer:
         factor = self._set_schedule(epoch)
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
-        rows: list[Tensor] = []
-        counts = torch.zeros(len(COUNT_COLUMNS), device=self.device)
+        stats: list[dict[str, Tensor]] = []
+        counts: list[dict[str, Tensor]] = []
         start = time.perf_counter()
         for x, y in self.loader:
             if x.device != self.device:
@@ -244,36 +174,56 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.optimizer.step()
-            rows.append(out.row)
-            counts += out.counts
+            stats.append(out.stats)
+            counts.append(out.counts)
             if self.cfg.sync_every_step:
                 out.loss.item()  # reference mode: the released code logs a Python float every step
-        # One host sync per epoch: the stacked rows and the summed counts.
-        counts = self.dist.all_reduce_sum(counts).cpu()
-        table = torch.stack(rows).float().cpu() if rows else torch.zeros(0, len(ROW_COLUMNS))
+        table = self._stack_stats(stats)
+        summed = self._sum_counts(counts)
         seconds = time.perf_counter() - start
         first_iter = sum(t.shape[0] for t in self.state.trace)
         idx = torch.arange(first_iter, first_iter + table.shape[0], dtype=torch.float32).unsqueeze(1)
         ep = torch.full_like(idx, float(epoch))
         self.state.trace.append(torch.cat([idx, ep, table], dim=1))
-        c = dict(zip(COUNT_COLUMNS, counts.tolist()))
-        means = table.nanmean(0).tolist() if table.shape[0] else [math.nan] * len(ROW_COLUMNS)
+        c = dict(zip(COUNT_NAMES, summed.tolist()))
+        means = dict(zip(STAT_NAMES, table.nanmean(0).tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES)))
+        last = dict(zip(STAT_NAMES, table[-1].tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES)))
         metrics: dict[str, Any] = {"epoch": epoch, "lr": self.cfg.optim.lr * factor, "seconds": seconds,
                                    "images_per_s": c["n"] / seconds if seconds > 0 else math.nan}
-        metrics.update({f"train_{k}": v for k, v in zip(ROW_COLUMNS, means) if k in ("loss", "L_adv", "L_nat")})
-        last = table[-1].tolist() if table.shape[0] else [math.nan] * len(ROW_COLUMNS)
-        metrics.update({k: v for k, v in zip(ROW_COLUMNS, last) if k.startswith(("tau", "w_"))})
-        metrics.update({"H_adv": means[ROW_COLUMNS.index("H_adv")], "H_nat": means[ROW_COLUMNS.index("H_nat")]})
+        metrics.update({f"train_{k}": means[k] for k in ("loss", "L_adv", "L_nat")})
+        metrics.update({k: last[k] for k in STAT_NAMES if k.startswith(("tau", "w_"))})
+        metrics.update({"H_adv": means["H_adv"], "H_nat": means["H_nat"]})
         metrics["train_acc_adv"] = 100 * c["correct_adv"] / c["seen_adv"] if c["seen_adv"] else math.nan
         metrics["train_acc_nat"] = 100 * c["correct_nat"] / c["seen_nat"] if c["seen_nat"] else math.nan
         return metrics
+
+    def _stack_stats(self, stats: list[dict[str, Tensor]]) -> Tensor:
+        """The epoch's statistics as a host (iters, len(STAT_NAMES)) table, NaN where the task has none.
+
+        Stacked on the device and moved to the host once. Tasks whose statistics are per rank (every method
+        but B-MTARD, which all-reduces its own every step for the balance) are averaged over ranks here, once.
+        """
+        if not stats:
+            return torch.zeros(0, len(STAT_NAMES))
+        names = [k for k in STAT_NAMES if k in stats[0]]
+        table = torch.stack([torch.stack([s[k] for k in names]) for s in stats]).float()
+        if not self.task.global_stats:
+            table = self.dist.all_reduce_mean(table)
+        full = torch.full((table.shape[0], len(STAT_NAMES)), math.nan)
+        full[:, [STAT_NAMES.index(k) for k in names]] = table.cpu()
+        return full
+
+    def _sum_counts(self, counts: list[dict[str, Tensor]]) -> Tensor:
+        """The epoch's counts (COUNT_NAMES order) summed over iterations and ranks, on the host."""
+        if not counts:
+            return torch.zeros(len(COUNT_NAMES))
+        per_step = torch.stack([torch.stack([c[k] for k in COUNT_NAMES]) for c in counts])
+        return self.dist.all_reduce_sum(per_step.sum(0)).cpu()
 
     # --- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, split: Split, attacks: tuple[str, ...], n_examples: int | None = None,
                  source_model: nn.Module | None = None, progress: bool = False) -> dict[str, Any]:
         """Evaluate the student on ``split``, sharded over ranks; returns accuracies and W-Robust (percent)."""
-        from bmtard_ray.evaluation import evaluate, w_robust
-
         ec = self.cfg.eval
         if n_examples is not None and n_examples < len(split):
             split = stratified_subset(split, n_examples, ec.seed)
@@ -337,51 +287,10 @@ class Trainer:
         source = self.source
         results = {"val": self.evaluate(self.data.val, ec.attacks, ec.n_examples, source, progress),
                    "test": self.evaluate(self.data.test, ec.attacks, ec.n_examples, source, progress)}
-        summary = build_summary(cfg, self.state, results, self.data.info)
+        summary = build_summary(cfg, self.state.history, self.state.epoch, results, self.data.info)
         if self.dist.is_main:
-            from bmtard_ray.evaluation import EvalResult
-            from bmtard_ray.evaluation.report import write_reports
-
-            info = {"name": cfg.name, "architecture": cfg.student, "dataset": self.data.info.name,
-                    "teachers": teacher_provenance(cfg), "method": cfg.method.name}
-            for split, r in results.items():
-                result = EvalResult(r["accuracy"], r["w_robust"], r["n_examples"], r["seconds"], r["meta"])
-                write_reports(result, run_dir / "eval", model_info=info | {"split": split}, stem=split)
             extra = {"teachers": teacher_provenance(cfg), "summary": summary}
-            io.atomic_torch_save(model_record(self.student, cfg.student, self.data.info, cfg, extra), run_dir / "model.pt")
-            if cfg.trace:
-                io.atomic_parquet(self.trace_table(), run_dir / "trace.parquet")
-            io.atomic_parquet(io.history_table(self.state.history), run_dir / "metrics.parquet")
-            io.atomic_text(json.dumps(summary, indent=2, default=str), run_dir / "summary.json")
-            io.atomic_text(summary_markdown(summary), run_dir / "summary.md")
+            write_run_outputs(run_dir, cfg, summary, results,
+                              model_record(self.student, cfg.student, self.data.info, cfg, extra),
+                              self.trace_table() if cfg.trace else None, self.state.history)
         return summary
-
-
-def teacher_provenance(cfg: RunConfig) -> dict[str, Any]:
-    return {role: {"arch": getattr(cfg.teachers, role).arch, "checkpoint": getattr(cfg.teachers, role).checkpoint}
-            for role in teacher_roles(cfg.method.name)}
-
-
-def build_summary(cfg: RunConfig, state: TrainState, results: dict[str, dict[str, Any]], info: DatasetInfo) -> dict[str, Any]:
-    hist = state.history
-    return {"name": cfg.name, "method": cfg.method.name, "student": cfg.student, "dataset": info.name,
-            "epochs": state.epoch, "seed": cfg.seed, "headline": cfg.eval.headline,
-            "train_seconds": sum(h["seconds"] for h in hist),
-            "final_tau": [hist[-1].get("tau_adv"), hist[-1].get("tau_nat")] if hist else None,
-            "final_w": [hist[-1].get("w_adv"), hist[-1].get("w_nat")] if hist else None,
-            "teachers": teacher_provenance(cfg),
-            "results": {split: {"n_examples": r["n_examples"], "accuracy": r["accuracy"], "w_robust": r["w_robust"]}
-                        for split, r in results.items()}}
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    attacks = list(summary["results"]["test"]["accuracy"])
-    lines = [f"# {summary['name']}: {summary['method']} student {summary['student']} on {summary['dataset']}", "",
-             f"{summary['epochs']} epochs, seed {summary['seed']}, training time {summary['train_seconds']:.0f} s.", "",
-             "| split | n | " + " | ".join(attacks) + " | " + " | ".join(f"W-Robust {a}" for a in attacks if a != "clean") + " |",
-             "|---|---:|" + "---:|" * (2 * len(attacks) - 1)]
-    for split, r in summary["results"].items():
-        accs = " | ".join(f"{r['accuracy'][a]:.2f}" for a in attacks)
-        ws = " | ".join(f"{r['w_robust'][a]:.2f}" for a in attacks if a != "clean")
-        lines.append(f"| {split} | {r['n_examples']} | {accs} | {ws} |")
-    return "\n".join(lines) + "\n"

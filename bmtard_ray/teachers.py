@@ -1,6 +1,7 @@
-"""Teachers the toolkit trains itself: derived configs and a content-addressed cache.
+"""Teachers: loading the frozen ones a run distils from, and training the ones it lacks.
 
-A teacher with no checkpoint is trained once (natural training for the clean teacher, SAT or TRADES for
+Loading: a teacher is any model file the loader of :mod:`bmtard_ray.models.checkpoint` reads (ours, a public
+state dict, or the pyautoattack ResNet-18), frozen on the device. Training: a teacher with no checkpoint is trained once (natural training for the clean teacher, SAT or TRADES for
 the robust one) on the training split (never the validation or test split) and cached under a folder
 named by a hash of everything that determines it, so every later run, trial or worker reuses it.
 """
@@ -11,11 +12,44 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from bmtard_ray.config import RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
-from bmtard_ray.engine import teacher_roles
+from bmtard_ray.data import DatasetInfo
+from bmtard_ray.errors import ConfigError
+from bmtard_ray.models.checkpoint import PYAUTOATTACK, load_model
+from bmtard_ray.names import teacher_roles
 
 # Runs a training config to completion; must leave <output_dir>/<name>/model.pt behind.
 RunFn = Callable[[RunConfig], object]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A teacher: eval mode for good, no parameter wants a gradient."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
+    """Build a frozen teacher from its checkpoint (ours, a public one, or the pyautoattack ResNet-18)."""
+    if not tc.checkpoint:
+        raise ConfigError(f"no checkpoint for the {role} teacher: run through run_train.py (which trains and caches "
+                          f"the teachers) or set teachers.{role}.checkpoint")
+    # One loader for every model file: our own format carries its architecture and normalisation.
+    loaded = load_model(tc.checkpoint, None if tc.checkpoint == PYAUTOATTACK else tc.arch, info.num_classes,
+                        dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher")
+    return freeze(loaded.model.to(device))
+
+
+def check_given_teachers(cfg: RunConfig, info: DatasetInfo) -> None:
+    """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained."""
+    for role in teacher_roles(cfg.method.name):
+        tc: TeacherConfig = getattr(cfg.teachers, role)
+        if tc.checkpoint:
+            load_teacher(role, tc, info, torch.device("cpu"))
 
 
 def teacher_config(cfg: RunConfig, role: str) -> RunConfig:

@@ -11,7 +11,8 @@ from torch import nn
 from bmtard_ray import attacks
 from bmtard_ray.balance import EntropyBalance, LossBalance
 from bmtard_ray.config import EBBConfig, NLBConfig, RunConfig
-from bmtard_ray.engine import ROW_COLUMNS, TASKS, Teachers, build_task, freeze
+from bmtard_ray.engine import STAT_NAMES, TASKS, Teachers, build_task
+from bmtard_ray.teachers import freeze
 from bmtard_ray.losses import distill_kl, mean_entropy
 from bmtard_ray.loop import schedule_factor  # noqa: E402
 
@@ -234,8 +235,8 @@ def test_bmtard_losses_use_tau_before_and_weights_after_the_update() -> None:
         torch.manual_seed(5)
         outs.append(task.step(x, y))
         task.model.zero_grad()
-    cols = {c: i for i, c in enumerate(ROW_COLUMNS)}
-    r0, r1, r2 = (o.row for o in outs)
+    cols = {c: i for i, c in enumerate(STAT_NAMES)}
+    r0, r1, r2 = (o.row() for o in outs)
     # Iteration 1: temperatures at their start, weights after an update with r = (1, 1).
     assert r0[cols["tau_adv"]].item() == 1.0 and r0[cols["tau_nat"]].item() == 1.0
     assert r0[cols["w_adv"]].item() == pytest.approx(0.5)
@@ -289,8 +290,8 @@ def test_mtard_keeps_temperatures_at_one() -> None:
     x, y = batch()
     for _ in range(3):
         out = task.step(x, y)
-    cols = {c: i for i, c in enumerate(ROW_COLUMNS)}
-    assert out.row[cols["tau_adv"]].item() == 1.0 and out.row[cols["tau_nat"]].item() == 1.0
+    cols = {c: i for i, c in enumerate(STAT_NAMES)}
+    assert out.row()[cols["tau_adv"]].item() == 1.0 and out.row()[cols["tau_nat"]].item() == 1.0
 
 
 def test_schedule_decays_lr_eta_and_rho_together_at_milestones() -> None:
@@ -316,7 +317,7 @@ def test_every_method_gives_finite_loss_and_moves_the_student(method: str) -> No
     x, y = batch()
     out = task.step(x, y)
     assert torch.isfinite(out.loss)
-    assert out.row.shape == (len(ROW_COLUMNS),)
+    assert out.row().shape == (len(STAT_NAMES),)
     opt.zero_grad()
     out.loss.backward()
     opt.step()

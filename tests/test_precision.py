@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from bmtard_ray.config import RunConfig
-from bmtard_ray.engine import ROW_COLUMNS, Teachers, build_task, freeze
+from bmtard_ray.engine import STAT_NAMES, Teachers, build_task
+from bmtard_ray.teachers import freeze
 
 STEPS = 200
 K = 10
@@ -29,7 +30,7 @@ def net(seed: int, sharpness: float = 1.0) -> nn.Module:
 
 
 def trajectory(autocast: object) -> torch.Tensor:
-    """STEPS B-MTARD steps of a small student on a fixed stream of batches; rows of ROW_COLUMNS."""
+    """STEPS B-MTARD steps of a small student on a fixed stream of batches; rows of STAT_NAMES."""
     cfg = RunConfig()
     cfg.attack.steps = 3
     student = net(0)
@@ -47,7 +48,7 @@ def trajectory(autocast: object) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        rows.append(out.row.float())
+        rows.append(out.row().float())
     return torch.stack(rows)
 
 
@@ -55,7 +56,7 @@ def test_bf16_autocast_follows_the_fp32_trajectory() -> None:
     torch.set_num_threads(2)
     fp32 = trajectory(lambda: torch.autocast("cpu", enabled=False))
     bf16 = trajectory(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    col = {c: ROW_COLUMNS.index(c) for c in ("L_adv", "L_nat", "tau_adv", "tau_nat", "w_adv", "w_nat")}
+    col = {c: STAT_NAMES.index(c) for c in ("L_adv", "L_nat", "tau_adv", "tau_nat", "w_adv", "w_nat")}
     assert torch.isfinite(bf16).all()
     # The balance moved in fp32 (otherwise agreement would prove nothing).
     assert (fp32[:, col["w_adv"]] - fp32[0, col["w_adv"]]).abs().max() > 0.1
@@ -71,4 +72,4 @@ def test_bf16_autocast_follows_the_fp32_trajectory() -> None:
         a, b = fp32[-50:, col[name]].mean().item(), bf16[-50:, col[name]].mean().item()
         assert abs(a - b) <= 0.05 * abs(a), f"{name}: fp32 {a:.4f} vs bf16 {b:.4f}"
     # And bf16 really ran: the entropies differ in their low digits.
-    assert (fp32[:, ROW_COLUMNS.index("H_adv")] != bf16[:, ROW_COLUMNS.index("H_adv")]).any()
+    assert (fp32[:, STAT_NAMES.index("H_adv")] != bf16[:, STAT_NAMES.index("H_adv")]).any()

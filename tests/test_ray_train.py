@@ -29,6 +29,7 @@ from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.loop import TRACE_COLUMNS
 from bmtard_ray.runner import run_local
 from bmtard_ray.teachers import ensure_teachers
+import faults
 from conftest import free_port, head_port_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,12 +138,12 @@ def test_a_user_error_raised_in_a_worker_is_found_through_rays_wrapper() -> None
     from ray.train import WorkerGroupError
 
     from bmtard_ray.errors import DataError
-    from bmtard_ray.ray_train import _user_error
+    from bmtard_ray.ray_train import user_error
 
     err = WorkerGroupError("rank 1 failed", {0: RuntimeError("gloo: peer closed"), 1: DataError("no data at /x")})
-    found = _user_error(err)
+    found = user_error(err)
     assert isinstance(found, DataError) and str(found) == "no data at /x"
-    assert _user_error(WorkerGroupError("x", {0: RuntimeError("boom")})) is None
+    assert user_error(WorkerGroupError("x", {0: RuntimeError("boom")})) is None
 
 
 def test_core_and_cli_import_without_ray() -> None:
@@ -375,8 +376,8 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_no_epoch_is_lost_or_repeated(
     cfg = smoke(tmp_path, cifar_root, teachers, "name=fault", "optim.epochs=3")
     out = io.StringIO()
     summary = run_ray(cfg, ScalingOptions(num_workers=2), failure_max=1, console=Console(file=out, width=400),
-                      inject_failure={"epoch": 2, "rank": 1, "marker": str(marker), "mode": "exit", "after_steps": 3,
-                                      "delay_s": 2.0})
+                      worker_hook=faults.hook("fail_once", epoch=2, rank=1, marker=str(marker), mode="exit",
+                                              after_steps=3, delay_s=2.0))
     assert marker.read_text() == "fired in epoch 2\n"  # the worker did die, in epoch 2
     run = tmp_path / "runs" / "fault"
     assert summary["epochs"] == 3 and column(run, "epoch") == [1, 2, 3]

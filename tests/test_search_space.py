@@ -13,7 +13,7 @@ import yaml
 
 from bmtard_ray.config import RunConfig, build_config, flat_keys, nest
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.search_space import (SPACES_DIR, active_values, check_space, corners, load_space, parse_space,
+from bmtard_ray.tuning.search_space import (SPACES_DIR, active_values, check_space, corners, load_space, parse_space,
                                      repair, resolve_space_path, space_names, trial_config)
 
 
@@ -266,7 +266,7 @@ def test_space_files_are_plain_yaml_that_round_trips(tmp_path: Path) -> None:
 def test_parsing_and_checking_a_space_needs_neither_ray_nor_optuna() -> None:
     """The pure-Python side of tuning imports with ray and optuna blocked (they are only for the Tune layer)."""
     code = ("import sys; sys.modules['ray'] = None; sys.modules['optuna'] = None\n"
-            "from bmtard_ray.search_space import load_space, check_space\n"
+            "from bmtard_ray.tuning.search_space import load_space, check_space\n"
             "from bmtard_ray.tuning.settings import TuneSettings, check_objectives\n"
             "from bmtard_ray.config import build_config\n"
             "s = load_space('nlb'); print(check_space(s, build_config('cpu')))\n")

@@ -18,7 +18,7 @@ import pytest
 
 from bmtard_ray.config import RunConfig, build_config, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.search_space import load_space, parse_space
+from bmtard_ray.tuning.search_space import load_space, parse_space
 from bmtard_ray.tuning.cli import tune_main
 from bmtard_ray.tuning.optuna_space import DefineByRun, distribution, distributions, make_sampler
 from bmtard_ray.tuning.results import TrialRecord, best_record, pareto_ids, pareto_mask, rank, table_rows, write_table
@@ -56,7 +56,7 @@ def test_each_param_type_becomes_the_matching_optuna_distribution() -> None:
 def run_study(space_name: str, n: int, seed: int, base: RunConfig | None = None) -> optuna.Study:
     space = load_space(space_name)
     base = base or RunConfig()
-    from bmtard_ray.search_space import base_values
+    from bmtard_ray.tuning.search_space import base_values
 
     study = optuna.create_study(direction="maximize", sampler=make_sampler(settings(seed=seed, num_samples=n)))
     fn = DefineByRun(space, base_values(base, space))

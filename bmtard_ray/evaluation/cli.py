@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torch import nn
+from bmtard_ray.config import EvalConfig
+from bmtard_ray.data import dataset_info, load_dataset, train_val_split
+from bmtard_ray.device import select_device
+from bmtard_ray.errors import BmtardError, ConfigError
+from bmtard_ray.evaluation.core import check_attacks, evaluate
+from bmtard_ray.evaluation.report import print_table, write_reports
+from bmtard_ray.models.checkpoint import PYAUTOATTACK, inspect_checkpoint, load_model
+from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, DATASET_NAMES, DEVICES, MODEL_NAMES
 
-from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
-PYAUTOATTACK = "pyautoattack"  # the alias a teacher config also accepts
-TRAINING_CHECKPOINT = "bmtard_ray.checkpoint/1"  # format tag of the loop's per-epoch checkpoints
 
 
 def parse_eps(text: str) -> float:
@@ -43,8 +43,6 @@ def parse_eps(text: str) -> float:
 
 
 def parse_attacks(text: str) -> tuple[str, ...]:
-    from bmtard_ray.evaluation import ATTACK_NAMES
-
     if text.strip() == "all":
         return ATTACK_NAMES
     names = tuple(a.strip() for a in text.split(",") if a.strip())
@@ -63,10 +61,6 @@ def _stats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bmtard_ray.data import DATASET_NAMES
-    from bmtard_ray.evaluation import ATTACK_NAMES
-    from bmtard_ray.models import MODEL_NAMES
-
     p = argparse.ArgumentParser(prog="run_eval.py", description="Evaluate a checkpoint under the attacks of the "
                                 "B-MTARD paper and write JSON / Markdown / Parquet reports.")
     p.add_argument("checkpoint", help=f"model file (ours or a public state dict), or '{PYAUTOATTACK}' for the "
@@ -103,88 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Inspected:
-    path: Path
-    record: dict[str, Any] | None  # our file's metadata (arch, num_classes, dataset, mean, std, teachers, config)
-    key: str | None = None         # entry holding the weights when it is not the usual wrapper
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    arch: str
-    path: Path
-    record: dict[str, Any] | None  # None for a public checkpoint
-
-
-def _resolve_path(spec: str) -> Path:
-    if spec == PYAUTOATTACK:
-        from bmtard_ray.models import pyautoattack_resnet18_path
-
-        return pyautoattack_resnet18_path()
-    return Path(spec)
-
-
-def inspect_checkpoint(spec: str) -> Inspected:
-    """What a checkpoint file is: our model file, our training checkpoint, or a plain/public state dict.
-
-    Damaged files (an HTML page, a Git LFS pointer, a cut-off download) raise a one-line CheckpointError.
-    """
-    from bmtard_ray.models import read_state_dict
-
-    path = _resolve_path(spec)
-    try:
-        read_state_dict(path)  # the thorough checks: HTML page, LFS pointer, truncated, empty, no tensors
-        problem = None
-    except CheckpointError as exc:
-        problem = exc  # fatal unless the file is one of our training checkpoints (weights under "student")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # damaged: read_state_dict has already said how, in one line
-        if problem is not None:
-            raise problem from None
-        raise
-    if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT and isinstance(obj.get("config"), dict):
-        # A training checkpoint (saved every epoch): the student's weights under "student", no normalisation.
-        cfg = obj["config"]
-        record = {"arch": cfg.get("student"), "num_classes": None, "dataset": (cfg.get("data") or {}).get("dataset"),
-                  "mean": None, "std": None, "config": cfg, "epoch": obj.get("epoch")}
-        return Inspected(path, record, key="student")
-    if problem is not None:
-        raise problem
-    if isinstance(obj, dict) and isinstance(obj.get("arch"), str) and isinstance(obj.get("state_dict"), dict):
-        return Inspected(path, {k: v for k, v in obj.items() if k != "state_dict"})
-    return Inspected(path, None)
-
-
-def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
-               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-               role: str = "checkpoint", inspected: Inspected | None = None) -> LoadedModel:
-    """Build the architecture and load the weights strictly (one-line CheckpointError otherwise)."""
-    from bmtard_ray.models import build_model, load_weights
-
-    found = inspected if inspected is not None else inspect_checkpoint(spec)
-    path, record = found.path, found.record
-    flag = "--arch" if role == "checkpoint" else "--source-arch"
-    if record is not None:  # our own file: it says what it is
-        if arch is not None and arch != record["arch"]:
-            raise ConfigError(f"{role} {path} is a '{record['arch']}' model; {flag} {arch} contradicts it")
-        arch = record["arch"]
-        if record.get("num_classes") is not None and int(record["num_classes"]) != num_classes:
-            raise CheckpointError(f"{role} {path} has {record['num_classes']} classes but dataset {dataset} has "
-                                  f"{num_classes}")
-        mean = tuple(record["mean"]) if record.get("mean") else mean
-        std = tuple(record["std"]) if record.get("std") else std
-    elif spec == PYAUTOATTACK:
-        arch = arch or "resnet18"  # kuangliu layout, no normalisation
-    if arch is None:
-        raise ConfigError(f"{role} {path} is a plain state dict: say which architecture it is with {flag}")
-    model = build_model(arch, num_classes, mean=mean, std=std)
-    load_weights(model, path, key=found.key)
-    return LoadedModel(model, arch, path, record)
-
-
 def _config_value(record: dict[str, Any] | None, section: str, key: str) -> Any:
     cfg = (record or {}).get("config") or {}
     return (cfg.get(section) or {}).get(key) if isinstance(cfg, dict) else None
@@ -196,11 +108,6 @@ def _first(*values: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bmtard_ray.config import EvalConfig
-    from bmtard_ray.data import dataset_info, load_dataset, train_val_split
-    from bmtard_ray.evaluation import ATTACK_NAMES, BLACK_BOX, check_attacks, evaluate
-    from bmtard_ray.evaluation.report import print_table, write_reports
-
     attacks = parse_attacks(args.attacks)
     cfg = EvalConfig(attacks=attacks, eps=args.eps, n_examples=args.n_examples, batch_size=args.batch_size,
                      seed=args.seed, square_queries=args.square_queries, autoattack_version=args.autoattack_version)
@@ -210,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
                                      else next((a for a in attacks if a != "clean"), "pgd_sat"))
     if cfg.headline not in ATTACK_NAMES or cfg.headline == "clean":
         raise ConfigError(f"--headline must be a non-clean attack from: {', '.join(ATTACK_NAMES[1:])}")
-    from bmtard_ray.loop import select_device
-
     device = select_device(args.device)
     mean, std = _stats(args.mean, "--mean"), _stats(args.std, "--std")
 

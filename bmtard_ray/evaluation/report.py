@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bmtard_ray import io
-from bmtard_ray.evaluation import ATTACK_NAMES, EvalResult, eps_label
+from bmtard_ray.evaluation.core import EvalResult, eps_label
+from bmtard_ray.names import ATTACK_NAMES
 
 # RobustBench model_info fields that the caller may fill (the rest are computed from the result).
 ROBUSTBENCH_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",

@@ -6,71 +6,16 @@ of the public checkpoints each architecture is laid out to load.
 """
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Sequence
-
-import torch.nn as nn
-
-from bmtard_ray.errors import ConfigError
-from bmtard_ray.models.checkpoint import CheckpointError, load_weights, pyautoattack_resnet18_path, read_state_dict
+from bmtard_ray.models.checkpoint import (CheckpointError, LoadedModel, inspect_checkpoint, load_model, load_weights,
+                                          model_record, pyautoattack_resnet18_path, read_state_dict)
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
 from bmtard_ray.models.resnet import ResNet18, ResNet56
 from bmtard_ray.models.small import InputNormalization, SmallCNN, TinyCNN
 from bmtard_ray.models.wideresnet import DMWideResNet, WideResNet
-
-Stats = Sequence[float] | None
-
-MODEL_NAMES: tuple[str, ...] = ("resnet18", "mobilenetv2", "resnet56", "wrn34_10", "wrn70_16", "small_cnn", "tiny_cnn")
-
-_BUILDERS: dict[str, Callable[[int, Stats, Stats], nn.Module]] = {
-    "resnet18": lambda k, m, s: ResNet18(k, mean=m, std=s),  # kuangliu layout, pyautoattack's model_test.pt
-    "mobilenetv2": lambda k, m, s: MobileNetV2(k, mean=m, std=s),  # kuangliu CIFAR layout
-    "resnet56": lambda k, m, s: ResNet56(k, mean=m, std=s),  # akamaster layout, option-A shortcuts
-    "wrn34_10": lambda k, m, s: WideResNet(34, 10, k, mean=m, std=s),  # TRADES layout incl. sub_block1
-    "wrn70_16": lambda k, m, s: DMWideResNet(70, 16, k, mean=m, std=s),  # DeepMind/RobustBench layout, Swish
-    "small_cnn": lambda k, m, s: SmallCNN(k, mean=m, std=s),  # ~15 M multiply-adds at 32x32
-    "tiny_cnn": lambda k, m, s: TinyCNN(k, mean=m, std=s),  # for tests
-}
-assert tuple(_BUILDERS) == MODEL_NAMES
-
-
-def _check_stats(name: str, values: Stats) -> tuple[float, float, float] | None:
-    if values is None:
-        return None
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}") from None
-    if len(out) != 3 or not all(math.isfinite(v) for v in out):
-        raise ConfigError(f"{name} must be 3 finite numbers (one per RGB channel), got {values!r}")
-    return out  # type: ignore[return-value]
-
-
-def build_model(name: str, num_classes: int, *, mean: tuple[float, float, float] | None = None,
-                std: tuple[float, float, float] | None = None) -> nn.Module:
-    """A freshly initialised model by name; ``mean``/``std`` (both or neither) normalise [0, 1] inputs inside."""
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    m, s = _check_stats("mean", mean), _check_stats("std", std)
-    if (m is None) != (s is None):
-        raise ConfigError("give both mean and std for input normalisation, or neither")
-    if s is not None and min(s) <= 0:
-        raise ConfigError(f"std must be positive, got {std!r}")
-    model = _BUILDERS[name](int(num_classes), m, s)
-    model.arch_name = name  # named in load_weights' errors
-    return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not; shared ones once)."""
-    return sum(p.numel() for p in model.parameters())
-
+from bmtard_ray.models.zoo import MODEL_NAMES, build_model, count_parameters
 
 __all__ = [
-    "MODEL_NAMES", "build_model", "count_parameters", "load_weights", "read_state_dict", "pyautoattack_resnet18_path",
+    "MODEL_NAMES", "build_model", "load_model", "inspect_checkpoint", "LoadedModel", "model_record", "count_parameters", "load_weights", "read_state_dict", "pyautoattack_resnet18_path",
     "CheckpointError", "InputNormalization", "ResNet18", "ResNet56", "MobileNetV2", "WideResNet", "DMWideResNet",
     "SmallCNN", "TinyCNN",
 ]

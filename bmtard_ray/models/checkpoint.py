@@ -10,13 +10,25 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from bmtard_ray.errors import CheckpointError
+from bmtard_ray.config import RunConfig, to_dict
+from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.models.small import InputNormalization
+from bmtard_ray.models.zoo import build_model
+from bmtard_ray.names import MODEL_NAMES
+
+if TYPE_CHECKING:
+    from bmtard_ray.data import DatasetInfo
+
+PYAUTOATTACK = "pyautoattack"  # the alias a teacher config also accepts
+MODEL_FORMAT = "bmtard_ray.model/1"  # format tag of our model files (students and trained teachers)
+TRAINING_CHECKPOINT = "bmtard_ray.checkpoint/1"  # format tag of the loop's per-epoch checkpoints
 
 # Wrappers that training scripts put around the state dict, unwrapped in this order (nested ones too).
 WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net")
@@ -149,8 +161,6 @@ def _classifier_key(model: nn.Module) -> str | None:
 
 def _guess_arch(keys: set[str]) -> str | None:
     """The model name whose parameter names these are (built on the meta device: no memory, no time)."""
-    from bmtard_ray.models import MODEL_NAMES, build_model
-
     wanted = {k for k in keys if not k.endswith("num_batches_tracked")} - {"mean", "std"}  # RobustBench buffers
     for name in MODEL_NAMES:
         with torch.device("meta"):
@@ -239,3 +249,92 @@ def pyautoattack_resnet18_path() -> Path:
         if path.is_file():
             return path
     raise CheckpointError(f"pyautoattack is installed but has no examples/model_test.pt: re-{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model files: what a file is, and the model it holds.
+
+
+def model_record(model: nn.Module, arch: str, info: "DatasetInfo", cfg: RunConfig, extra: dict[str, Any] | None = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """The format every saved model (student or teacher) uses, readable with ``weights_only=True``."""
+    return {"format": MODEL_FORMAT, "arch": arch, "num_classes": info.num_classes, "dataset": info.name,
+            "mean": list(mean) if mean else None, "std": list(std) if std else None,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": to_dict(cfg), **(extra or {})}
+
+
+@dataclass
+class Inspected:
+    path: Path
+    record: dict[str, Any] | None  # our file's metadata (arch, num_classes, dataset, mean, std, teachers, config)
+    key: str | None = None         # entry holding the weights when it is not the usual wrapper
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: str
+    path: Path
+    record: dict[str, Any] | None  # None for a public checkpoint
+
+
+def _resolve_path(spec: str) -> Path:
+    if spec == PYAUTOATTACK:
+        return pyautoattack_resnet18_path()
+    return Path(spec)
+
+
+def inspect_checkpoint(spec: str) -> Inspected:
+    """What a checkpoint file is: our model file, our training checkpoint, or a plain/public state dict.
+
+    Damaged files (an HTML page, a Git LFS pointer, a cut-off download) raise a one-line CheckpointError.
+    """
+    path = _resolve_path(spec)
+    try:
+        read_state_dict(path)  # the thorough checks: HTML page, LFS pointer, truncated, empty, no tensors
+        problem = None
+    except CheckpointError as exc:
+        problem = exc  # fatal unless the file is one of our training checkpoints (weights under "student")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged: read_state_dict has already said how, in one line
+        if problem is not None:
+            raise problem from None
+        raise
+    if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT and isinstance(obj.get("config"), dict):
+        # A training checkpoint (saved every epoch): the student's weights under "student", no normalisation.
+        cfg = obj["config"]
+        record = {"arch": cfg.get("student"), "num_classes": None, "dataset": (cfg.get("data") or {}).get("dataset"),
+                  "mean": None, "std": None, "config": cfg, "epoch": obj.get("epoch")}
+        return Inspected(path, record, key="student")
+    if problem is not None:
+        raise problem
+    if isinstance(obj, dict) and isinstance(obj.get("arch"), str) and isinstance(obj.get("state_dict"), dict):
+        return Inspected(path, {k: v for k, v in obj.items() if k != "state_dict"})
+    return Inspected(path, None)
+
+
+def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
+               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+               role: str = "checkpoint", inspected: Inspected | None = None) -> LoadedModel:
+    """Build the architecture and load the weights strictly (one-line CheckpointError otherwise)."""
+    found = inspected if inspected is not None else inspect_checkpoint(spec)
+    path, record = found.path, found.record
+    flag = "--arch" if role == "checkpoint" else "--source-arch"
+    if record is not None:  # our own file: it says what it is
+        if arch is not None and arch != record["arch"]:
+            raise ConfigError(f"{role} {path} is a '{record['arch']}' model; {flag} {arch} contradicts it")
+        arch = record["arch"]
+        if record.get("num_classes") is not None and int(record["num_classes"]) != num_classes:
+            raise CheckpointError(f"{role} {path} has {record['num_classes']} classes but dataset {dataset} has "
+                                  f"{num_classes}")
+        mean = tuple(record["mean"]) if record.get("mean") else mean
+        std = tuple(record["std"]) if record.get("std") else std
+    elif spec == PYAUTOATTACK:
+        arch = arch or "resnet18"  # kuangliu layout, no normalisation
+    if arch is None:
+        raise ConfigError(f"{role} {path} is a plain state dict: say which architecture it is with {flag}")
+    model = build_model(arch, num_classes, mean=mean, std=std)
+    load_weights(model, path, key=found.key)
+    return LoadedModel(model, arch, path, record)

@@ -15,7 +15,10 @@ from rich.console import Console
 from bmtard_ray.cli import SHORTCUTS, add_config_args, guarded
 from bmtard_ray.config import RunConfig, build_config, nest, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.search_space import SearchSpace, check_space, describe_space, load_space, space_names
+from bmtard_ray.storage import absolute_paths
+from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, teacher_roles
+from bmtard_ray.tuning.search_space import (SearchSpace, check_space, describe_space, load_space, space_names,
+                                           trial_methods)
 from bmtard_ray.tuning.settings import (DEFAULT_MULTI_OBJECTIVES, DEFAULT_OBJECTIVE, SAMPLERS, SCHEDULERS,
                                         SETTINGS_FILE, TuneSettings, default_mode, objective_names)
 
@@ -92,9 +95,7 @@ def base_config(args: argparse.Namespace, space: SearchSpace) -> RunConfig:
     # so that a job submitted with an absolute --output-dir keeps its teachers too.
     if args.output_dir:
         cfg.output_dir = args.output_dir
-    from bmtard_ray.ray_train import absolute_paths  # trials run in other processes and working directories
-
-    return absolute_paths(cfg)
+    return absolute_paths(cfg)  # trials run in other processes and working directories
 
 
 def objectives_of(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -137,19 +138,9 @@ def settings_from_args(args: argparse.Namespace, space: SearchSpace, cfg: RunCon
         final_examples=final_examples, top=args.top, base_config=to_dict(cfg)).validate()
 
 
-def trial_methods(space: SearchSpace, cfg: RunConfig) -> list[str]:
-    """Every method a trial can run: the base one, or the choices when the space searches method.name."""
-    if "method.name" in space.keys:
-        return list(space.param("method.name").choices)
-    return [cfg.method.name]
-
-
 def check_final_attacks(settings: TuneSettings, space: SearchSpace, cfg: RunConfig) -> None:
     if not settings.final_attacks:
         return
-    from bmtard_ray.engine import teacher_roles
-    from bmtard_ray.evaluation import ATTACK_NAMES, BLACK_BOX
-
     for a in settings.final_attacks:
         if a not in ATTACK_NAMES:
             raise ConfigError(f"unknown attack '{a}' in --final-attacks; choose from: {', '.join(ATTACK_NAMES)}")
@@ -190,7 +181,8 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # a log file or a job's output: room for the leaderboard's columns
         console = Console(width=max(console.width, 160))
-    from bmtard_ray.tuning import cluster, report, session
+    from bmtard_ray.ray_train import cluster
+    from bmtard_ray.tuning import report, session
 
     args.started_ray = False
     try:

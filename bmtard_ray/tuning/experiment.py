@@ -26,8 +26,8 @@ from rich.console import Console
 from bmtard_ray import io
 from bmtard_ray.config import from_dict
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.search_space import SearchSpace, base_values, load_space, trial_config
-from bmtard_ray.tuning.cluster import cluster_resources
+from bmtard_ray.tuning.search_space import SearchSpace, base_values, load_space, trial_config
+from bmtard_ray.ray_train.cluster import cluster_resources
 from bmtard_ray.tuning.optuna_space import DefineByRun, make_sampler, make_storage
 from bmtard_ray.tuning.results import TrialRecord
 from bmtard_ray.tuning.settings import SETTINGS_FILE, TRIAL_METRICS, TuneSettings, max_concurrent_trials

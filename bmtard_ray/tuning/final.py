@@ -16,10 +16,15 @@ from rich.console import Console
 from bmtard_ray import io
 from bmtard_ray.config import EvalConfig, RunConfig, from_dict
 from bmtard_ray.errors import CheckpointError
-from bmtard_ray.engine import teacher_roles
-from bmtard_ray.loop import (TRACE_COLUMNS, load_teacher, model_record, prepare_data, select_device,
-                             teacher_provenance)
+from bmtard_ray import evaluation
+from bmtard_ray.data import prepare_data
+from bmtard_ray.device import select_device
+from bmtard_ray.loop import TRACE_COLUMNS
 from bmtard_ray.models import build_model
+from bmtard_ray.models.checkpoint import model_record
+from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, teacher_roles
+from bmtard_ray.summary import teacher_provenance
+from bmtard_ray.teachers import load_teacher
 from bmtard_ray.tuning.results import TrialRecord
 from bmtard_ray.tuning.settings import TuneSettings
 from bmtard_ray.tuning.trainable import checkpoint_file
@@ -55,8 +60,6 @@ def load_checkpoint(record: TrialRecord) -> dict[str, Any]:
 
 
 def suite(cfg: RunConfig, device: torch.device) -> tuple[str, ...]:
-    from bmtard_ray.evaluation import ATTACK_NAMES, BLACK_BOX
-
     attacks = list(CPU_SUITE) + (list(GPU_EXTRA) if device.type == "cuda" else [])
     if cfg.teachers.robust.checkpoint and "robust" in teacher_roles(cfg.method.name):
         attacks += list(BLACK_BOX)
@@ -64,8 +67,6 @@ def suite(cfg: RunConfig, device: torch.device) -> tuple[str, ...]:
 
 
 def evaluate_best(record: TrialRecord, settings: TuneSettings, out: Path, console: Console) -> FinalResult:
-    from bmtard_ray import evaluation
-
     state = load_checkpoint(record)
     cfg = from_dict(state["config"])
     device = select_device(cfg.device)

@@ -1,4 +1,4 @@
-"""A :class:`~bmtard_ray.search_space.SearchSpace` as Optuna sees it: distributions, a define-by-run sampler
+"""A :class:`~bmtard_ray.tuning.search_space.SearchSpace` as Optuna sees it: distributions, a define-by-run sampler
 function, and the seeded sampler itself."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from bmtard_ray.search_space import Param, SearchSpace
+from bmtard_ray.tuning.search_space import Param, SearchSpace
 from bmtard_ray.tuning.settings import TuneSettings
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from rich.console import Console
 
 from bmtard_ray.config import RunConfig, replace, to_dict
-from bmtard_ray.engine import teacher_roles
-from bmtard_ray.loop import check_given_teachers, prepare_data
-from bmtard_ray.search_space import SearchSpace
-from bmtard_ray.teachers import ensure_teachers
-from bmtard_ray.tuning import cluster, experiment
-from bmtard_ray.tuning.cli import trial_methods
+from bmtard_ray.names import teacher_roles
+from bmtard_ray.data import prepare_data
+from bmtard_ray.tuning.search_space import SearchSpace, trial_methods
+from bmtard_ray.teachers import check_given_teachers, ensure_teachers
+from bmtard_ray.ray_train import cluster
+from bmtard_ray.tuning import experiment
 from bmtard_ray.tuning.settings import TuneSettings, max_concurrent_trials, resolve_gpus
 
 

@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bmtard_ray.engine import ROW_COLUMNS
+from bmtard_ray.engine import STAT_NAMES
 from bmtard_ray.errors import ConfigError
 
 # Every per-epoch metric a trial reports (bmtard_ray.loop.Trainer.train_epoch + validate, every epoch
 # because tuning requires val_every=1). The end-to-end test checks this list against a real trial.
 TRIAL_METRICS: tuple[str, ...] = (
     ("epoch", "lr", "seconds", "images_per_s", "train_loss", "train_L_adv", "train_L_nat")
-    + tuple(c for c in ROW_COLUMNS if c.startswith(("tau", "w_")))
+    + tuple(c for c in STAT_NAMES if c.startswith(("tau", "w_")))
     + ("H_adv", "H_nat", "train_acc_adv", "train_acc_nat", "val_clean", "val_robust", "val_w_robust"))
 # Metrics where smaller is better; every other one is maximised unless --mode says otherwise.
 MIN_METRICS = ("train_loss", "train_L_adv", "train_L_nat", "seconds")

@@ -18,7 +18,7 @@ from typing import Any
 from ray import tune
 
 from bmtard_ray.config import RunConfig, from_dict
-from bmtard_ray.search_space import SearchSpace, trial_config
+from bmtard_ray.tuning.search_space import SearchSpace, trial_config
 
 # The driver itself only waits on its Train controller. It reserves no CPU, so that a 2-core machine runs
 # two 1-worker trials side by side; Tune refuses an all-zero request, hence a token amount of memory.

@@ -45,7 +45,7 @@ from bmtard_ray.errors import ConfigError
 
 def _default_spaces_dir() -> Path:
     """``search_spaces/`` of the checkout the package runs from (editable install), else ``./search_spaces``."""
-    beside = Path(__file__).resolve().parent.parent / "search_spaces"
+    beside = Path(__file__).resolve().parents[2] / "search_spaces"
     return beside if beside.is_dir() else Path.cwd() / "search_spaces"
 
 
@@ -422,3 +422,10 @@ def describe_space(space: SearchSpace) -> list[tuple[str, str]]:
 __all__ = ["Param", "SearchSpace", "SPACES_DIR", "PARAM_TYPES", "space_names", "resolve_space_path", "load_space",
            "parse_space", "repair", "trial_config", "active_values", "corners", "check_space", "base_values",
            "describe_space", "CLIP_RULES"]
+
+
+def trial_methods(space: SearchSpace, cfg: RunConfig) -> list[str]:
+    """Every method a trial can run: the base one, or the choices when the space searches method.name."""
+    if "method.name" in space.keys:
+        return list(space.param("method.name").choices)
+    return [cfg.method.name]

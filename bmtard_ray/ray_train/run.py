@@ -1,0 +1,204 @@
+"""A whole Ray Train run, driver side: checks, connection, teachers, the TorchTrainer and its result."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, UserCallback
+from ray.train.torch import TorchTrainer
+from rich.console import Console
+from rich.text import Text
+
+from bmtard_ray.config import RunConfig, teacher_cache_dir, to_dict
+from bmtard_ray.data import prepare_data
+from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
+from bmtard_ray.names import teacher_roles
+from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
+from bmtard_ray.ray_train.scaling import ScalingOptions, scaling_from_args
+from bmtard_ray.ray_train.view import EpochView, ForwardToDriver, pump
+from bmtard_ray.ray_train.worker import train_loop_per_worker
+from bmtard_ray.storage import (CHECKPOINT_FILE, absolute_paths, check_run_folder, find_checkpoint, is_uri, join,
+                                latest_ray_checkpoint, write_config)
+from bmtard_ray.summary import print_summary
+from bmtard_ray.teachers import cached_path, check_given_teachers, ensure_teachers
+
+
+def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: RayRunConfig | None = None,
+                       storage_path: str | None = None, failure_max: int = 2, keep_checkpoints: int = 2,
+                       callbacks: Sequence[UserCallback] = (), resume_from: str | Path | None = None,
+                       finish: bool = False, worker_hook: dict[str, Any] | None = None) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` (paths must already be absolute: see :func:`absolute_paths`).
+
+    With ``run_config`` (e.g. Tune's, carrying ``TuneReportCallback``) its name and storage path define the
+    run folder; otherwise the run is ``<storage_path or cfg.output_dir>/<cfg.name>`` with
+    ``FailureConfig(max_failures=failure_max)`` and the newest ``keep_checkpoints`` checkpoints kept."""
+    scaling = scaling.validate()
+    if scaling.gpus_per_worker is None or scaling.cpus_per_worker is None:
+        scaling = scaling.resolved(cfg, ray.nodes() if ray.is_initialized() else ())
+    if run_config is None:
+        run_config = RayRunConfig(
+            name=cfg.name, storage_path=str(storage_path or cfg.output_dir),
+            failure_config=FailureConfig(max_failures=failure_max),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING"))
+    run_dir = join(str(run_config.storage_path), str(run_config.name))
+    loop_config = {"cfg": to_dict(cfg), "run_dir": run_dir, "resume_from": str(resume_from) if resume_from else None,
+                   "finish": finish, "worker_hook": worker_hook}
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling.to_ray(),
+                        run_config=run_config)
+
+
+def user_error(exc: BaseException) -> BmtardError | None:
+    """A BmtardError raised inside a worker, found through Ray's wrappers (None if there is none)."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, BmtardError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        for name in ("worker_failures", "_worker_failures"):
+            failures = getattr(e, name, None)
+            if isinstance(failures, dict):
+                todo += list(failures.values())
+    return None
+
+
+def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title: str) -> Any:
+    """``trainer.fit()`` with the live per-epoch view fed by the controller callback's queue."""
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer.run_config.callbacks.append(ForwardToDriver(queue))
+    stop = threading.Event()
+    with EpochView(console, cfg.optim.epochs, title) as view:
+        pumper = threading.Thread(target=pump, args=(queue, view, stop), daemon=True)
+        pumper.start()
+        try:
+            return trainer.fit()
+        except Exception as exc:
+            err = user_error(exc)
+            if err is not None:
+                raise type(err)(str(err)) from None
+            raise
+        finally:
+            stop.set()
+            pumper.join(timeout=10)
+            queue.shutdown()
+
+
+def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
+    """Checks that must pass before anything starts (workers would fail and retry on each)."""
+    data = prepare_data(cfg)  # a bad data folder fails here, not on every worker
+    check_given_teachers(cfg, data.info)
+    n = scaling.num_workers
+    if cfg.optim.batch_size % n:
+        raise ConfigError(f"optim.batch_size ({cfg.optim.batch_size}) must be divisible by the number of workers ({n})")
+    per_worker = cfg.optim.batch_size // n
+    if len(data.train) // n < per_worker:
+        raise ConfigError(f"{len(data.train)} training images over {n} workers leave less than one batch of "
+                          f"{per_worker} per worker: lower --workers or optim.batch_size")
+    for role in teacher_roles(cfg.method.name):
+        tc = getattr(cfg.teachers, role)
+        if not tc.checkpoint and not cached_path(cfg, role).is_file() and tc.batch_size % n:
+            raise ConfigError(f"teachers.{role}.batch_size ({tc.batch_size}) must be divisible by the number of "
+                              f"workers ({n}) to train that teacher")
+    if any(is_uri(getattr(cfg.teachers, r).checkpoint or "") for r in ("clean", "robust")) or is_uri(teacher_cache_dir(cfg)):
+        raise ConfigError("teacher checkpoints and the teacher cache (teachers.cache_dir, default <output_dir>/teachers) must be filesystem paths (shared between "
+                          "nodes for multi-node runs), not URIs")
+
+
+def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_from: Path | None, resume: bool,
+             overwrite: bool, failure_max: int, keep_checkpoints: int, console: Console,
+             worker_hook: dict[str, Any] | None) -> dict[str, Any]:
+    run_dir = join(storage, cfg.name)
+    check_run_folder(run_dir, resume=resume, overwrite=overwrite)
+    if resume and resume_from is None and latest_ray_checkpoint(run_dir) is None:
+        raise CheckpointError(f"no checkpoint to resume from in {run_dir} (it holds no Ray checkpoint snapshot with "
+                              f"a checkpoint, nor a {CHECKPOINT_FILE})")
+    write_config(cfg, run_dir)
+    trainer = make_torch_trainer(cfg, scaling, storage_path=storage, failure_max=failure_max,
+                                 keep_checkpoints=keep_checkpoints, resume_from=resume_from, finish=True,
+                                 worker_hook=worker_hook)
+    gpus = f", {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
+    console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset}, "
+                  f"{scaling.num_workers} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}), global batch "
+                  f"{cfg.optim.batch_size} -> {run_dir}")
+    result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.num_workers} worker(s))")
+    summary = dict(result.return_value or {})
+    if not summary:
+        raise RuntimeError(f"the run in {run_dir} ended without a summary from rank 0")
+    summary["run_dir"] = run_dir
+    return summary
+
+
+def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = None,
+            storage_path: str | None = None, resume: str | Path | None = None, overwrite: bool = False,
+            failure_max: int = 2, keep_checkpoints: int = 2, console: Console | None = None,
+            worker_hook: dict[str, Any] | None = None, **ray_init: Any) -> dict[str, Any]:
+    """Validate, connect, train missing teachers (through Ray, same scaling), fit, return the summary.
+
+    ``resume``: a run folder (Ray's, with checkpoint folders and a snapshot, or a local one with
+    ``checkpoint.pt``) or a checkpoint file; the run continues in that folder. ``worker_hook`` is a
+    testing hook (see :func:`~bmtard_ray.ray_train.worker.run_worker_hook`). ``ray_init`` goes to ``ray.init`` when a local Ray is
+    started (e.g. ``num_cpus=2``)."""
+    console = console or Console()
+    if failure_max < -1:
+        raise ConfigError(f"max failures must be >= 0 (or -1 for unlimited), got {failure_max}")
+    if keep_checkpoints < 1:
+        raise ConfigError(f"checkpoints to keep must be >= 1, got {keep_checkpoints}")
+    scaling.validate()
+    cfg = absolute_paths(cfg)
+    resume_from: Path | None = None
+    if resume is not None:
+        if is_uri(resume):
+            run_dir = str(resume).rstrip("/")
+        else:
+            target = Path(resume).expanduser().resolve()
+            run_dir = str(target if target.is_dir() else target.parent)
+            if target.is_file() and target.parent.name.startswith("checkpoint_epoch"):
+                run_dir = str(target.parent.parent)
+            if latest_ray_checkpoint(run_dir) is None:  # a local run folder or file: start from that file
+                resume_from = find_checkpoint(target)
+        storage, _, name = run_dir.rpartition("/")
+        cfg.name, cfg.output_dir = name, storage
+    storage = str(storage_path) if storage_path else cfg.output_dir
+    if not is_uri(storage):
+        storage = str(Path(storage).expanduser().resolve())
+    check_before_start(cfg, scaling)
+    started = connect(address, **ray_init)
+    try:
+        scaling = scaling.resolved(cfg, ray.nodes())
+        check_resources(scaling)
+        common = dict(failure_max=failure_max, keep_checkpoints=keep_checkpoints, console=console)
+
+        def train_teacher(tcfg: RunConfig) -> None:
+            # Teachers train through Ray too (a big teacher wants the same GPUs), into the shared cache.
+            # An interrupted teacher run with a checkpoint continues; anything else there is replaced.
+            resumable = latest_ray_checkpoint(join(tcfg.output_dir, tcfg.name)) is not None
+            fit_run(absolute_paths(tcfg), scaling, storage=tcfg.output_dir, resume_from=None, resume=resumable,
+                     overwrite=True, worker_hook=None, **common)
+
+        cfg = ensure_teachers(cfg, train_teacher, log=lambda s: console.print(Text(s, style="bold"), soft_wrap=True))
+        summary = fit_run(cfg, scaling, storage=storage, resume_from=resume_from, resume=resume is not None,
+                           overwrite=overwrite, worker_hook=worker_hook, **common)
+    finally:
+        if started:
+            stop_local_ray()
+    if summary.get("results"):
+        print_summary(summary, console)
+    console.print(f"outputs in {summary['run_dir']}")
+    return summary
+
+
+def run_from_args(cfg: RunConfig, args: Any) -> dict[str, Any]:
+    """What ``run_train.py`` (without ``--local``) does."""
+    scaling = scaling_from_args(args)
+    return run_ray(cfg, scaling, address=args.address, storage_path=args.storage_path, resume=args.resume,
+                   overwrite=args.overwrite, failure_max=args.max_failures, keep_checkpoints=args.keep_checkpoints)

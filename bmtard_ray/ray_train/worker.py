@@ -1,0 +1,105 @@
+"""What runs on every Ray Train worker: the core Trainer with Ray's process group and checkpoints."""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint
+
+from bmtard_ray import io, storage
+from bmtard_ray.config import from_dict
+from bmtard_ray.dist import DistContext
+from bmtard_ray.errors import ConfigError
+from bmtard_ray.loop import Trainer
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Ray stores reported metrics as JSON in its checkpoint snapshot: plain floats, NaN as None."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def run_worker_hook(trainer: Trainer, hook: dict[str, Any] | None) -> None:
+    """Testing hook: call ``hook['function'](trainer, **hook['kwargs'])`` from the Python file
+    ``hook['file']`` on every worker, after the trainer is built and restored and before it trains.
+
+    The tests inject worker failures through it (tests/faults.py); the product itself passes none."""
+    if not hook:
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bmtard_worker_hook", hook["file"])
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"worker hook file {hook['file']} cannot be loaded")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    getattr(module, hook["function"])(trainer, **hook.get("kwargs", {}))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on every Ray Train worker. ``config`` is what :func:`make_torch_trainer` built:
+    ``cfg`` (RunConfig as a dict, absolute paths), ``run_dir`` (storage path or URI of the run folder),
+    ``resume_from`` (a checkpoint file to start from when Ray has none), ``finish``, ``worker_hook``
+    (tests: see :func:`run_worker_hook`). Returns the run's summary when ``finish`` (Ray hands rank 0's to the driver), else None."""
+    _quiet_ray_train_worker()
+    cfg = from_dict(config["cfg"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist = DistContext()  # the process group Ray Train initialised (gloo on CPU, nccl on GPU)
+
+    def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        metrics = _jsonable(metrics)
+        if checkpoint is None or rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="bmtard-ckpt-") as tmp:
+            torch.save(checkpoint, Path(tmp) / storage.CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=storage.CHECKPOINT_DIR.format(metrics["epoch"]))
+
+    trainer = Trainer(cfg, device=device, dist=dist, report=report)
+    state = None
+    restored = ray.train.get_checkpoint()  # set after a worker failure, or when the run folder has a snapshot
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = io.safe_load(Path(folder) / storage.CHECKPOINT_FILE)
+    elif config.get("resume_from"):
+        state = io.safe_load(Path(config["resume_from"]))
+    if state is not None:
+        trainer.load_state_dict(state)
+    run_worker_hook(trainer, config.get("worker_hook"))
+    trainer.fit()
+    if not config.get("finish"):
+        return None
+    run_dir = str(config["run_dir"])
+    if not storage.is_uri(run_dir):
+        return trainer.finish(Path(run_dir))
+    with tempfile.TemporaryDirectory(prefix="bmtard-out-") as tmp:
+        summary = trainer.finish(Path(tmp))
+        if dist.is_main:
+            storage.upload_dir(Path(tmp), run_dir)
+    return summary
+
+
+def _quiet_ray_train_worker() -> None:
+    """Ray 2.60 logs every report's full metrics at INFO through loggers named by file path, which
+    ``LoggingConfig(log_level)`` does not reach; the driver's view shows the same numbers once."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for module in (context, storage):
+        for name in (module.__file__, module.__name__):
+            logging.getLogger(name).setLevel(logging.WARNING)

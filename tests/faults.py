@@ -1,0 +1,44 @@
+"""Faults injected into Ray Train workers by the tests, through the worker hook (never by product code).
+
+Loaded on every worker by :func:`bmtard_ray.ray_train.worker.run_worker_hook` from this file's path, so it
+needs no import path of its own on the workers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def fail_once(trainer: Any, *, epoch: int, marker: str, rank: int = 0, mode: str = "exit", after_steps: int = 1,
+              delay_s: float = 0.0) -> None:
+    """Make one worker die in the middle of ``epoch``, once (a marker file every attempt sees records that
+    it fired). ``mode`` 'exit' kills the process like a lost node; 'raise' raises in the training function.
+    ``delay_s`` waits before failing (the other ranks block in their next collective meanwhile), so the
+    Train controller has polled the previous epoch's report: a report is registered only once every
+    worker's copy of it has been polled."""
+    if trainer.dist.rank != int(rank) or Path(marker).exists():
+        return
+    step = trainer.task.step
+    seen = {"n": 0}
+
+    def failing_step(x: torch.Tensor, y: torch.Tensor) -> Any:
+        if trainer.state.epoch + 1 == int(epoch):
+            seen["n"] += 1
+            if seen["n"] > int(after_steps):
+                Path(marker).write_text(f"fired in epoch {epoch}\n")
+                time.sleep(float(delay_s))
+                if mode == "exit":
+                    os._exit(1)
+                raise RuntimeError(f"injected failure in epoch {epoch}")
+        return step(x, y)
+
+    trainer.task.step = failing_step
+
+
+def hook(function: str, **kwargs: Any) -> dict[str, Any]:
+    """The ``worker_hook`` argument of ``run_ray`` that calls ``function`` of this file with ``kwargs``."""
+    return {"file": str(Path(__file__).resolve()), "function": function, "kwargs": kwargs}
