@@ -2,7 +2,8 @@
 
 Both keep their state as device tensors and update without a host sync, so a training step never waits
 on the GPU. Their inputs are the statistics of the *global* batch: under data parallelism the engine
-all-reduces them first, so every rank holds the same temperatures and weights.
+all-reduces them first (or, for EBB's ``solve`` mode, gathers the teacher logits), so every rank holds the
+same temperatures and weights.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from bmtard_ray.config import EBBConfig, NLBConfig
+from bmtard_ray.entropy_solve import solve_equalised, solve_temperatures
 
 
 class EntropyBalance:
@@ -22,6 +24,10 @@ class EntropyBalance:
     ``tau_adv -= eta * sign(H_adv / H_nat - 1)``, ``tau_nat -= eta * sign(H_nat / H_adv - 1)``.
     With a target ``H*`` each teacher is driven toward it: ``tau_i -= eta * sign(H_i / H* - 1)``.
     A teacher whose entropy is too high is sharpened (tau down), one whose entropy is too low softened.
+
+    ``mode: solve`` (this project's extension, REFERENCE §3b) replaces the sign step by :meth:`solve`: every
+    iteration, before the losses, the temperatures are solved exactly on the global batch of teacher logits,
+    then optionally blended with the previous ones (``smoothing``). The initial temperatures play no part.
     """
 
     def __init__(self, cfg: EBBConfig, num_classes: int, device: torch.device | str = "cpu") -> None:
@@ -34,28 +40,56 @@ class EntropyBalance:
             self.target = cfg.target_entropy * math.log(num_classes)
         else:
             self.target = cfg.target_entropy
-        # [tau_adv, tau_nat]
+        self.solves = cfg.enabled and cfg.mode == "solve"
+        # [tau_adv, tau_nat]. In solve mode the first solve overwrites them, smoothing or not.
         self.tau = torch.tensor([cfg.tau_adv_init, cfg.tau_nat_init], dtype=torch.float32, device=device)
+        self.solved = False  # host-side: whether a solve has happened (the first one is not blended)
 
     def decay(self, factor: float) -> None:
         """Scale the step size (eta_tau is decayed with the learning rate at the milestones)."""
         self.eta = self.cfg.eta_tau * factor
 
     def step(self, h_adv: Tensor, h_nat: Tensor) -> None:
-        """Update the temperatures from this iteration's teacher entropies (at the old temperatures)."""
-        if not self.enabled or self.eta == 0:
+        """Update the temperatures from this iteration's teacher entropies (at the old temperatures).
+
+        The paper's sign step; a no-op in ``solve`` mode, whose temperatures come from :meth:`solve`.
+        """
+        if not self.enabled or self.solves or self.eta == 0:
             return
         h = torch.stack([h_adv, h_nat]).float()
         ref = torch.full_like(h, self.target) if self.target is not None else h.flip(0)
         new = self.tau - self.eta * torch.sign(h / ref - 1)
         self.tau.copy_(new.clamp(self.cfg.tau_min, self.cfg.tau_max))
 
+    def solve(self, z_adv: Tensor, z_nat: Tensor, mask: Tensor) -> None:
+        """Set the temperatures this iteration's losses use (``solve`` mode; no host sync).
+
+        ``z_adv``, ``z_nat``: the robust and clean teachers' logits on the *global* batch (N, K), rows
+        aligned; ``mask`` (N,) is 1 for real rows, 0 for the padding of unequal shards. With a target H*,
+        each temperature is solved so that its teacher's mean entropy equals H*; without one, the paper's
+        equalisation anchored at tau_min (:func:`solve_equalised`). Both are clipped to [tau_min, tau_max].
+        """
+        if not self.solves:
+            return
+        cfg = self.cfg
+        z = torch.stack([z_adv.detach().float(), z_nat.detach().float()])
+        if self.target is None:
+            tau = solve_equalised(z, cfg.tau_min, cfg.tau_max, mask)
+        else:
+            target = torch.full((2,), self.target, device=z.device)
+            tau = solve_temperatures(z, target, cfg.tau_min, cfg.tau_max, mask)
+        if self.solved and cfg.smoothing > 0:
+            tau = cfg.smoothing * self.tau + (1 - cfg.smoothing) * tau
+        self.tau.copy_(tau)
+        self.solved = True
+
     def state_dict(self) -> dict[str, Any]:
-        return {"tau": self.tau.detach().cpu().clone(), "eta": self.eta}
+        return {"tau": self.tau.detach().cpu().clone(), "eta": self.eta, "solved": self.solved}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tau.copy_(state["tau"].to(self.tau.device))
         self.eta = float(state["eta"])
+        self.solved = bool(state.get("solved", False))  # checkpoints from before solve mode carry no flag
 
 
 class LossBalance:

@@ -21,6 +21,7 @@ from bmtard_ray.names import (ATTACK_NAMES, DATASET_NAMES, DEVICES, METHOD_NAMES
 
 REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
 ENTROPY_TARGET_MODES = ("absolute", "fraction")
+EBB_MODES = ("step", "solve")
 
 
 @dataclass
@@ -56,15 +57,23 @@ class LossConfig:
 
 @dataclass
 class EBBConfig:
-    """Entropy-Based Balance (REFERENCE §1.4) and its searchable generalisation (§3)."""
+    """Entropy-Based Balance (REFERENCE §1.4), its searchable generalisation (§3) and our exact variant (§3b).
+
+    ``mode: step`` is the paper's sign step of ``eta_tau`` per iteration from the initial temperatures.
+    ``mode: solve`` (this project's extension, not the paper's) solves every iteration, on the global batch,
+    for the temperatures that meet the target (or equalise the teachers, anchored at ``tau_min``); the
+    losses of that iteration use them. In solve mode ``tau_*_init`` and ``eta_tau`` play no part.
+    """
     enabled: bool = True
-    tau_adv_init: float = 1.0
-    tau_nat_init: float = 1.0
+    mode: str = "step"                   # "step" (the paper) or "solve" (exact, ours)
+    tau_adv_init: float = 1.0            # step mode only
+    tau_nat_init: float = 1.0            # step mode only
     tau_min: float = 1.0
     tau_max: float = 10.0
-    eta_tau: float = 0.001
+    eta_tau: float = 0.001               # step mode only
     target_entropy: float | None = None  # None: the paper's equalisation of the two teachers
     target_mode: str = "absolute"        # "absolute" (nats) or "fraction" (of log K)
+    smoothing: float = 0.0               # solve mode: tau <- s * tau_prev + (1 - s) * tau_solved; 0 = exact
 
 
 @dataclass
@@ -371,12 +380,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(_finite(c.loss.scale) and c.loss.scale > 0, f"loss.scale must be > 0, got {c.loss.scale}")
     _check(_finite(c.loss.log_eps) and c.loss.log_eps >= 0, f"loss.log_eps must be >= 0, got {c.loss.log_eps}")
     e = c.ebb
+    _check(e.mode in EBB_MODES, f"unknown ebb.mode '{e.mode}'; choose one of: {', '.join(EBB_MODES)}")
+    _check(_finite(e.smoothing) and 0 <= e.smoothing < 1, f"ebb.smoothing must be in [0, 1), got {e.smoothing}")
     _check(_finite(e.tau_min) and e.tau_min > 0, f"ebb.tau_min must be > 0, got {e.tau_min}")
     _check(_finite(e.tau_max) and e.tau_min <= e.tau_max,
            f"ebb.tau_min ({e.tau_min}) must be <= ebb.tau_max ({e.tau_max})")
     for key in ("tau_adv_init", "tau_nat_init"):
         v = getattr(e, key)
-        _check(_finite(v) and e.tau_min <= v <= e.tau_max,
+        # Solve mode never uses the initial temperatures, so their range is only checked where they act.
+        _check(_finite(v) and (e.mode == "solve" or e.tau_min <= v <= e.tau_max),
                f"ebb.{key} must lie in [tau_min, tau_max] = [{e.tau_min}, {e.tau_max}], got {v}")
     _check(_finite(e.eta_tau) and e.eta_tau >= 0, f"ebb.eta_tau must be >= 0, got {e.eta_tau}")
     _check(e.target_mode in ENTROPY_TARGET_MODES,

@@ -8,8 +8,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def local_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The single-process form of :meth:`DistContext.all_gather_rows`: the rows themselves, all real."""
+    return t, torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+
+
 class DistContext:
-    """Rank, world size and the three collectives the loop needs."""
+    """Rank, world size and the collectives the loop needs."""
 
     def __init__(self) -> None:
         self.active = dist.is_available() and dist.is_initialized()
@@ -34,6 +39,26 @@ class DistContext:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def all_gather_rows(self, t: Tensor, max_rows: int) -> tuple[Tensor, Tensor]:
+        """Every rank's rows of a 2-D tensor, stacked in rank order: ``(world * max_rows, C)`` and a row mask.
+
+        Shards may differ in size (up to ``max_rows``, a bound every rank must pass alike): each rank pads
+        its rows to ``max_rows`` and marks the real ones in an extra column, so a single all-gather carries
+        rows and counts, and nothing waits on the host (no size exchange, no ``.item()``).
+        """
+        if self.world_size == 1:
+            return local_rows(t)
+        n = t.shape[0]
+        if n > max_rows:
+            raise ValueError(f"a shard of {n} rows exceeds the gather bound of {max_rows} rows")
+        buf = t.new_zeros((max_rows, t.shape[1] + 1))
+        buf[:n, :-1] = t
+        buf[:n, -1] = 1
+        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(parts, buf)
+        rows = torch.cat(parts)
+        return rows[:, :-1], rows[:, -1] > 0.5
 
     def barrier(self) -> None:
         if self.world_size > 1:

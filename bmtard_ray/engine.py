@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from bmtard_ray import attacks
 from bmtard_ray.balance import EntropyBalance, LossBalance
 from bmtard_ray.config import EBBConfig, RunConfig
+from bmtard_ray.dist import local_rows
 from bmtard_ray.losses import distill_kl, kl_student_student, mean_entropy, reduce_elements
 from bmtard_ray.names import METHOD_TEACHERS
 
@@ -31,6 +32,8 @@ STAT_NAMES = ("loss", "L_adv", "L_nat", "H_adv", "H_nat", "tau_adv", "tau_nat", 
 COUNT_NAMES = ("correct_adv", "correct_nat", "seen_adv", "seen_nat", "n")
 
 ReduceFn = Callable[[Tensor], Tensor]
+# Local (n, C) rows -> the global batch's rows (padded) and a mask of the real ones; see DistContext.all_gather_rows.
+GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -70,10 +73,12 @@ class Task(ABC):
         return METHOD_TEACHERS[self.name]
 
     def __init__(self, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int, *,
-                 reduce_mean: ReduceFn = _identity, autocast: Callable[[], ContextManager[Any]] = nullcontext) -> None:
+                 reduce_mean: ReduceFn = _identity, gather_rows: GatherFn = local_rows,
+                 autocast: Callable[[], ContextManager[Any]] = nullcontext) -> None:
         self.model, self.raw, self.cfg, self.teachers = model, raw, cfg, teachers
         self.num_classes = num_classes
         self.reduce_mean = reduce_mean
+        self.gather_rows = gather_rows
         self.autocast = autocast
         for role in self.needs:
             if getattr(teachers, role) is None:
@@ -133,14 +138,21 @@ class BMTARD(Task):
             with torch.no_grad():
                 t_adv = self.teachers.robust(x_adv)
                 t_nat = self.teachers.clean(x)
-        # 3. Losses at the temperatures from *before* this iteration's EBB update.
+        # EBB solve mode (ours): this iteration's temperatures are solved on the global batch of teacher
+        # logits (B x K each, so gathering them is cheap and the solver's loop needs no collective).
+        if self.ebb.solves:
+            k = t_adv.shape[1]
+            rows, mask = self.gather_rows(torch.cat([t_adv.detach().float(), t_nat.detach().float()], dim=1))
+            self.ebb.solve(rows[:, :k], rows[:, k:], mask)
+        # 3. Losses at the temperatures from *before* this iteration's EBB step (step mode), or at the ones
+        # just solved (solve mode).
         tau = self.ebb.tau.clone()
         l_adv, p_adv = distill_kl(t_adv, s_adv, tau[0], reduction=lc.reduction, log_eps=lc.log_eps)
         l_nat, p_nat = distill_kl(t_nat, s_nat, tau[1], reduction=lc.reduction, log_eps=lc.log_eps)
         l_adv, l_nat = l_adv * lc.scale, l_nat * lc.scale
         # Global-batch statistics: one all-reduce so every rank takes the same balance step.
         stats = self.reduce_mean(torch.stack([l_adv.detach(), l_nat.detach(), mean_entropy(p_adv), mean_entropy(p_nat)]))
-        # 4. EBB (affects the next iteration). 5. NLB (its new weights are used right now).
+        # 4. EBB step mode (affects the next iteration; a no-op in solve mode). 5. NLB (its new weights are used now).
         self.ebb.step(stats[2], stats[3])
         self.nlb.step(stats[0], stats[1])
         w_adv, w_nat = (w.clone() for w in self.nlb.weights())

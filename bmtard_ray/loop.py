@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,9 @@ class Trainer:
             model = torch.compile(self.model)
         self.autocast = autocast_for(self.device, self.fast)
         self.task: Task = build_task(cfg.method.name, model, raw, cfg, self.teachers, info.num_classes,
-                                     reduce_mean=self.dist.all_reduce_mean, autocast=self.autocast)
+                                     reduce_mean=self.dist.all_reduce_mean,
+                                     gather_rows=partial(self.dist.all_gather_rows, max_rows=self.local_batch),
+                                     autocast=self.autocast)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
         self.loader = self._make_loader()

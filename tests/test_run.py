@@ -79,6 +79,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--set", "attack.eps=-0.1"], "attack.eps must be >= 0"),
     (["--set", "ebb.tau_min=5", "--set", "ebb.tau_max=2"], "ebb.tau_min (5.0) must be <= ebb.tau_max (2.0)"),
     (["--set", "nlb.rho=0"], "nlb.rho must be in (0, 1]"),
+    (["--set", "ebb.mode=exact"], "unknown ebb.mode 'exact'; choose one of: step, solve"),
+    (["--set", "ebb.mode=solve", "--set", "ebb.smoothing=1"], "ebb.smoothing must be in [0, 1), got 1.0"),
     (["--set", "nlb.rho=1.5"], "nlb.rho must be in (0, 1]"),
     (["--batch-size", "0"], "optim.batch_size must be >= 1"),
     (["--set", "optim.nope=1"], "unknown config key 'optim.nope'"),

@@ -173,7 +173,7 @@ def test_categorical_rules(tmp_path: Path) -> None:
 def test_base_section_is_checked(tmp_path: Path) -> None:
     ok = "params:\n  ebb.eta_tau: {type: float, low: 0.001, high: 0.01}\n"
     assert "base.preset: unknown preset 'gpu'" in error_of(tmp_path, "base: {preset: gpu}\n" + ok)
-    assert "base.set: unknown config key 'ebb.mode'" in error_of(tmp_path, "base: {set: {ebb.mode: x}}\n" + ok)
+    assert "base.set: unknown config key 'ebb.speed'" in error_of(tmp_path, "base: {set: {ebb.speed: x}}\n" + ok)
     assert "unknown field 'base.sets'" in error_of(tmp_path, "base: {sets: {}}\n" + ok)
     assert "both searched and fixed" in error_of(tmp_path, "base: {set: {ebb.eta_tau: 0.002}}\n" + ok)
 
