@@ -55,12 +55,32 @@ def test_every_corner_of_every_shipped_space_is_a_valid_config(name: str) -> Non
 
 def test_ebb_space_searches_what_the_issue_names() -> None:
     keys = set(load_space("ebb").keys)
-    assert {"ebb.target_entropy", "ebb.tau_adv_init", "ebb.tau_nat_init", "ebb.tau_min", "ebb.tau_max",
+    assert {"ebb.mode", "ebb.smoothing", "ebb.target_entropy", "ebb.tau_adv_init", "ebb.tau_nat_init", "ebb.tau_min", "ebb.tau_max",
             "ebb.eta_tau"} <= keys
     assert {"nlb.beta", "nlb.rho", "nlb.w_adv_init", "nlb.ref_window"} <= set(load_space("nlb").keys)
     joint = set(load_space("joint").keys)
     assert {"optim.lr", "optim.weight_decay", "ebb.target_entropy", "nlb.rho"} <= joint
     assert {"method.trades_beta", "method.ard_alpha"} <= set(load_space("baselines").keys)
+
+
+@pytest.mark.parametrize("name", ["ebb", "joint"])
+def test_the_ebb_spaces_let_optuna_choose_the_mode_with_each_modes_knobs_conditional(name: str) -> None:
+    space = load_space(name)
+    assert space.param("ebb.mode").choices == ("step", "solve")
+    for key in ("ebb.eta_tau", "ebb.tau_adv_init", "ebb.tau_nat_init"):
+        assert space.param(key).when == (("ebb.mode", ("step",)),), key
+    assert space.param("ebb.smoothing").when == (("ebb.mode", ("solve",)),)
+    assert space.param("ebb.target_entropy").when == ()  # shared by both rules
+    # A solve trial carries its smoothing and none of the step's knobs; a step trial the reverse.
+    base = build_config(space.base_preset, extra=nest(space.base_set))
+    sampled = {p.key: p.extremes()[-1] for p in space.params}
+    cfg, effective = trial_config(base, space, sampled | {"ebb.mode": "solve"})
+    assert cfg.ebb.mode == "solve" and cfg.ebb.smoothing == 0.9
+    assert not {"ebb.eta_tau", "ebb.tau_adv_init", "ebb.tau_nat_init"} & set(effective)
+    assert cfg.ebb.eta_tau == RunConfig().ebb.eta_tau
+    cfg, effective = trial_config(base, space, sampled | {"ebb.mode": "step"})
+    assert cfg.ebb.mode == "step" and cfg.ebb.smoothing == 0.0 and "ebb.smoothing" not in effective
+    assert cfg.ebb.eta_tau == 3.0e-2
 
 
 def test_a_parsed_param_keeps_its_distribution() -> None:

@@ -53,12 +53,13 @@ def test_each_param_type_becomes_the_matching_optuna_distribution() -> None:
     assert d["method.name"] == optuna.distributions.CategoricalDistribution(["trades", "ard"])
 
 
-def run_study(space_name: str, n: int, seed: int, base: RunConfig | None = None) -> optuna.Study:
+def run_study(space_name: str, n: int, seed: int, base: RunConfig | None = None, sampler: str = "tpe") -> optuna.Study:
     space = load_space(space_name)
     base = base or RunConfig()
     from bmtard_ray.tuning.search_space import base_values
 
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(settings(seed=seed, num_samples=n)))
+    study = optuna.create_study(direction="maximize",
+                                sampler=make_sampler(settings(seed=seed, num_samples=n, sampler=sampler)))
     fn = DefineByRun(space, base_values(base, space))
 
     def objective(trial: optuna.Trial) -> float:
@@ -75,11 +76,25 @@ def test_define_by_run_samples_inside_the_ranges_and_is_seeded() -> None:
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
     assert [t.params for t in a.trials] != [t.params for t in c.trials]
     for t in a.trials:
-        assert set(t.params) == set(space.keys)
+        assert set(t.params) == {p.key for p in space.params if p.active(t.params)}
         for key, v in t.params.items():
             p = space.param(key)
-            assert p.low <= v <= p.high
+            assert v in p.choices if p.kind == "categorical" else p.low <= v <= p.high
             assert t.distributions[key] == distribution(p)
+
+
+@pytest.mark.parametrize("name", ["ebb", "joint"])
+def test_optuna_chooses_the_ebb_mode_and_samples_each_modes_own_knobs_only_there(name: str) -> None:
+    step_only = {"ebb.eta_tau", "ebb.tau_adv_init", "ebb.tau_nat_init"}
+    study = run_study(name, 16, seed=1, sampler="random")  # TPE would settle on one mode for this toy objective
+    modes = set()
+    for t in study.trials:
+        mode = t.params["ebb.mode"]
+        modes.add(mode)
+        assert step_only & set(t.params) == (step_only if mode == "step" else set())
+        assert ("ebb.smoothing" in t.params) == (mode == "solve")
+        assert {"ebb.target_entropy"} <= set(t.params)
+    assert modes == {"step", "solve"}
 
 
 def test_define_by_run_suggests_a_conditional_param_only_when_its_condition_holds() -> None:
