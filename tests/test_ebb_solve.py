@@ -72,7 +72,7 @@ def test_solve_meets_an_absolute_target_within_1e3_nats(target: float) -> None:
 
 def test_solve_meets_a_fraction_of_log_k_and_ignores_the_initial_temperatures() -> None:
     z_adv, z_nat = logits(128, (5.0, 3.0), seed=1)
-    cfg = dict(mode="solve", target_entropy=0.6, target_mode="fraction")
+    cfg = {"mode": "solve", "target_entropy": 0.6, "target_mode": "fraction"}
     a = solved(EBBConfig(**cfg), z_adv, z_nat)
     b = solved(EBBConfig(**cfg, tau_adv_init=7.0, tau_nat_init=3.0, eta_tau=0.5), z_adv, z_nat)
     assert torch.equal(a.tau, b.tau)
@@ -255,7 +255,7 @@ def synthetic_trainer(tmp_path: Path, target: float | None) -> Trainer:
         torch.manual_seed(seed)
         model = build_model("tiny_cnn", K)
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 2:  # the classifier
                     p.mul_(sharpen)
         paths[role] = tmp_path / f"{role}.pt"
@@ -263,8 +263,8 @@ def synthetic_trainer(tmp_path: Path, target: float | None) -> Trainer:
     overrides = ["student=tiny_cnn", "ebb.mode=solve", f"ebb.target_entropy={'null' if target is None else target}",
                  "attack.steps=1", "optim.batch_size=16", "optim.epochs=2", "optim.milestones=[10]", "val_every=0",
                  "checkpoint_every=0", f"output_dir={tmp_path}", "data.augment=false"]
-    for role in paths:
-        overrides += [f"teachers.{role}.arch=tiny_cnn", f"teachers.{role}.checkpoint={paths[role]}"]
+    for role, path in paths.items():
+        overrides += [f"teachers.{role}.arch=tiny_cnn", f"teachers.{role}.checkpoint={path}"]
     cfg = build_config("smoke", overrides=overrides)
     g = torch.Generator().manual_seed(11)
 
