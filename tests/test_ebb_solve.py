@@ -16,16 +16,17 @@ from torch import nn
 
 from bmtard_ray.balance import EntropyBalance
 from bmtard_ray.config import EBBConfig, RunConfig, build_config
-from bmtard_ray.data import DatasetInfo, Split
+from bmtard_ray.data import DataBundle, DatasetInfo, Split
 from bmtard_ray.dist import DistContext, local_rows
-from bmtard_ray.engine import ROW_COLUMNS, Teachers, build_task, freeze
+from bmtard_ray.engine import STAT_NAMES, Teachers, build_task
 from bmtard_ray.entropy_solve import mean_entropy_at, solve_equalised, solve_temperatures
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.loop import TRACE_COLUMNS, DataBundle, Trainer
+from bmtard_ray.loop import TRACE_COLUMNS, Trainer
 from bmtard_ray.losses import distill_kl, mean_entropy
+from bmtard_ray.teachers import freeze
 
 K = 10
-COL = {c: i for i, c in enumerate(ROW_COLUMNS)}
+COL = {c: i for i, c in enumerate(STAT_NAMES)}
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +213,7 @@ def test_the_losses_use_the_solved_temperatures_and_the_row_logs_them_and_their_
     g = torch.Generator().manual_seed(9)
     x, y = torch.rand(32, 3, 8, 8, generator=g), torch.randint(0, K, (32,), generator=g)
     out = task.step(x, y)
-    row = out.row
+    row = out.row()
     t_adv, t_nat = robust.inner(robust.seen[0]), clean.inner(clean.seen[0])
     tau_adv, tau_nat = row[COL["tau_adv"]].item(), row[COL["tau_nat"]].item()
     # The row's temperatures are the solution on this batch (not the initial 1.0), met within 1e-3 nats...
@@ -243,7 +244,7 @@ def test_step_mode_never_gathers_and_mtard_never_solves() -> None:
         task = build_task(method, student, student, cfg, Teachers(clean=freeze(tiny(2, 300.0)), robust=freeze(tiny(1, 60.0))),
                           K, gather_rows=refuse)
         out = task.step(x, y)
-        assert out.row[COL["tau_adv"]].item() == 1.0 and out.row[COL["tau_nat"]].item() == 1.0
+        assert out.row()[COL["tau_adv"]].item() == 1.0 and out.row()[COL["tau_nat"]].item() == 1.0
 
 
 def synthetic_trainer(tmp_path: Path, target: float | None) -> Trainer:
