@@ -381,3 +381,39 @@ def test_cli_reads_a_training_checkpoint(cifar_root: Path, tmp_path: Path, capsy
     _, test, _ = load_dataset("cifar10", cifar_root)  # the evaluated weights are the student's
     direct = evaluate(model, test, EvalConfig(attacks=("clean",), n_examples=20))
     assert data["accuracy"]["clean"] == direct.accuracy["clean"]
+
+
+def test_evaluation_turns_tf32_off_while_it_runs_and_restores_the_flags(test_split: Split) -> None:
+    """A GPU's "fp32" evaluation would otherwise run cuDNN convolutions in TF32 (torch's default); the
+    flags are global, so a training loop that evaluates between epochs must get its own back."""
+    from bmtard_ray.evaluation.precision import tf32_flags
+
+    seen: list[tuple[bool, bool, str]] = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, fail: bool = False) -> None:
+            super().__init__()
+            self.inner, self.fail = build_model("tiny_cnn", 10), fail
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                         torch.get_float32_matmul_precision()))
+            if self.fail:
+                raise RuntimeError("boom")
+            return self.inner(x)
+
+    before = tf32_flags()
+    try:
+        torch.set_float32_matmul_precision("high")  # what a fast-path training script may have set
+        torch.backends.cudnn.allow_tf32 = True
+        evaluate(Spy(), test_split, EvalConfig(attacks=("clean", "fgsm"), n_examples=16))
+        assert seen and all(s == (False, False, "highest") for s in seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                torch.get_float32_matmul_precision()) == (True, True, "high")
+        with pytest.raises(RuntimeError, match="boom"):
+            evaluate(Spy(fail=True), test_split, EvalConfig(attacks=("clean",), n_examples=16))
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (True, "high")
+    finally:
+        torch.set_float32_matmul_precision(before.matmul_precision)
+        torch.backends.cuda.matmul.allow_tf32 = before.matmul_allow_tf32
+        torch.backends.cudnn.allow_tf32 = before.cudnn_allow_tf32

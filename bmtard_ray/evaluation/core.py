@@ -1,7 +1,7 @@
 """Robustness evaluation: every attack of REFERENCE §5, W-Robust accuracy, seeded and deterministic.
 
-``evaluate(model, split, cfg)`` runs the attacks named in ``cfg.attacks`` (L-inf, eps ``cfg.eps``, fp32,
-model in eval mode, inputs in [0, 1]) over the split batch by batch and returns an :class:`EvalResult` with
+``evaluate(model, split, cfg)`` runs the attacks named in ``cfg.attacks`` (L-inf, eps ``cfg.eps``, fp32 with
+TF32 off (:mod:`bmtard_ray.evaluation.precision`), model in eval mode, inputs in [0, 1]) over the split batch by batch and returns an :class:`EvalResult` with
 accuracies and W-Robust = (clean + robust) / 2 in percent. Training runs call it at the end (and on the
 validation subset every epoch); ``run_eval.py`` calls it for any checkpoint.
 
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from bmtard_ray.data import Split, stratified_subset
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.evaluation.attacks import CW_CONFIDENCE, fgsm, pgd
+from bmtard_ray.evaluation.precision import true_fp32
 from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX
 
 if TYPE_CHECKING:
@@ -231,10 +232,11 @@ def evaluate(model: nn.Module, split: Split, cfg: "EvalConfig", *, device: torch
     seconds: dict[str, float] = {}
     params = {a: attack_params(a, cfg) for a in names}
     backends: dict[str, Any] = {}
-    # fp32 even if the caller runs under bf16 autocast (training loops do).
+    # fp32 even if the caller runs under bf16 autocast (training loops do), and true fp32: TF32 off for
+    # cuDNN and matmuls while evaluating (cuDNN allows TF32 by default); the caller's flags come back after.
     no_autocast = torch.autocast(device_type=device.type, enabled=False) if device.type in ("cuda", "cpu") \
         else nullcontext()
-    with _eval_modes(model, source_model), no_autocast, _Progress(progress) as bar:
+    with _eval_modes(model, source_model), no_autocast, true_fp32(), _Progress(progress) as bar:
         for name in names:
             start = time.perf_counter()
             attack = _make_attack(name, model, source_model, cfg, device)
@@ -254,7 +256,7 @@ def evaluate(model: nn.Module, split: Split, cfg: "EvalConfig", *, device: torch
     wr = {a: w_robust(accuracy["clean"], v) for a, v in accuracy.items() if a != "clean"}
     meta = {"threat_model": "Linf", "eps": cfg.eps, "eps_label": eps_label(cfg.eps), "seed": cfg.seed,
             "batch_size": bs, "n_examples": n, "split_size": split_size, "subset": n < split_size,
-            "headline": cfg.headline, "attack_params": params, "backends": backends, "dtype": "float32",
+            "headline": cfg.headline, "attack_params": params, "backends": backends, "dtype": "float32", "tf32": False,
             "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
             "model_class": type(model).__name__, "model_arch": getattr(model, "arch_name", None),
             "source_model_class": type(source_model).__name__ if source_model is not None else None,
