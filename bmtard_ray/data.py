@@ -320,15 +320,32 @@ def crop_flip(x: Tensor, dx: Tensor, dy: Tensor, flip: Tensor, pad: int = CROP_P
                   rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
-def augment_batch(x: Tensor, generator: torch.Generator, pad: int = CROP_PADDING) -> Tensor:
-    """Random crop with zero padding ``pad`` and random horizontal flip; randomness from ``generator``
-    (which must live on ``x``'s device)."""
-    n = x.shape[0]
+def crop_params(generator: torch.Generator, n: int, pad: int = CROP_PADDING) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dy, flip) for ``n`` images, drawn in that order on the generator's device."""
     dev = generator.device
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
     flip = torch.randint(0, 2, (n,), generator=generator, device=dev).bool()
-    return crop_flip(x, dx, dy, flip, pad)
+    return dx, dy, flip
+
+
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = CROP_PADDING) -> Tensor:
+    """Random crop with zero padding ``pad`` and random horizontal flip; randomness from ``generator``
+    (on any device: the parameters are moved to ``x``'s)."""
+    return crop_flip(x, *crop_params(generator, x.shape[0], pad), pad)
+
+
+def epoch_crop_params(generator: torch.Generator, sizes: list[int], device: torch.device,
+                      pad: int = CROP_PADDING) -> Tensor:
+    """The crop parameters of a whole epoch as one (3, sum(sizes)) int64 tensor on ``device`` (rows dx, dy,
+    flip), drawn batch by batch exactly as :func:`augment_batch` would draw them for batches of ``sizes``.
+
+    Drawing on a CPU generator makes the crops a function of the seed alone, the same on every device (a
+    CUDA generator draws another stream), and moving them once costs the epoch one small host-to-device
+    copy instead of one per batch."""
+    drawn = [torch.stack([t.long() for t in crop_params(generator, n, pad)]) for n in sizes]
+    params = torch.cat(drawn, dim=1) if drawn else torch.zeros(3, 0, dtype=torch.long)
+    return params.to(device)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -403,17 +420,21 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self.indices().to(self.device)
-        gen = None
+        bs = self.batch_size
+        crops = None
         if self.augment:
-            # Per rank and epoch, so that a resumed run redraws the same crops and ranks draw different ones.
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
+            # Per rank and epoch, so that a resumed run redraws the same crops and ranks draw different ones;
+            # a CPU generator, so that the same seed gives the same crops on the CPU and on a GPU.
+            gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
+            sizes = [min(bs, len(idx) - b * bs) for b in range(self.num_batches)]
+            crops = epoch_crop_params(gen, sizes, self.device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for b in range(self.num_batches):
-            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            sel = idx[b * bs:(b + 1) * bs]
             x = self.images[sel]
-            if gen is not None:
-                x = augment_batch(x, gen)  # on uint8: a quarter of the bytes a float crop would move
+            if crops is not None:  # on uint8: a quarter of the bytes a float crop would move
+                dx, dy, flip = crops[:, b * bs:b * bs + len(sel)]
+                x = crop_flip(x, dx, dy, flip.bool())
             x = x.to(dtype=self.dtype, memory_format=memory_format).div_(255)
             yield x, self.labels[sel]
 
