@@ -76,7 +76,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, data: DataBundle | None = None, device: torch.device | None = None,
                  dist: DistContext | None = None, report: Reporter | None = None,
-                 log: EpochLogger | None = None) -> None:
+                 log: EpochLogger | None = None, compile_backend: str = "inductor") -> None:
+        # compile_backend: torch.compile's backend when cfg.compile (benchmarks and the device check's dry
+        # run pass "aot_eager", which traces the same graphs without generating code).
         self.cfg = cfg
         self.dist = dist or DistContext()
         self.device = device or select_device(cfg.device)
@@ -112,8 +114,8 @@ class Trainer:
         self.model = self.dist.wrap(self.student, self.device)
         raw, model = self.student, self.model
         if cfg.compile:
-            raw = torch.compile(self.student)
-            model = torch.compile(self.model)
+            raw = torch.compile(self.student, backend=compile_backend)
+            model = torch.compile(self.model, backend=compile_backend)
         self.autocast = autocast_for(self.device, self.fast)
         self.task: Task = build_task(cfg.method.name, model, raw, cfg, self.teachers, info.num_classes,
                                      reduce_mean=self.dist.all_reduce_mean,
