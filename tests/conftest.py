@@ -1,6 +1,7 @@
 """Shared fixtures: the real CIFAR-10 copy (built once per session from ../shared) and tiny run configs."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where no CUDA GPU is visible, unless BMTARD_GPU_TESTS_ON_CPU=1 asks
+    for their CPU stand-in run (the device check's dry run)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items or os.environ.get("BMTARD_GPU_TESTS_ON_CPU") == "1":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/device_check.py runs it on one)")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

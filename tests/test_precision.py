@@ -29,27 +29,32 @@ def net(seed: int, sharpness: float = 1.0) -> nn.Module:
     return model
 
 
-def trajectory(autocast: object) -> torch.Tensor:
-    """STEPS B-MTARD steps of a small student on a fixed stream of batches; rows of STAT_NAMES."""
+def trajectory(autocast: object, *, device: torch.device | str = "cpu", channels_last: bool = False,
+               steps: int = STEPS) -> torch.Tensor:
+    """``steps`` B-MTARD steps of a small student on a fixed stream of batches; rows of STAT_NAMES (on the
+    CPU). The networks and data are made on the CPU, so every device starts from the same numbers;
+    ``channels_last`` puts the networks and batches in that memory format (the GPU fast path does)."""
     cfg = RunConfig()
     cfg.attack.steps = 3
-    student = net(0)
-    teachers = Teachers(clean=freeze(net(1, 60.0)), robust=freeze(net(2, 20.0)))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    student = net(0).to(device, memory_format=fmt)
+    teachers = Teachers(clean=freeze(net(1, 60.0).to(device, memory_format=fmt)),
+                        robust=freeze(net(2, 20.0).to(device, memory_format=fmt)))
     task = build_task("bmtard", student, student, cfg, teachers, K, autocast=autocast)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(3)
-    data = torch.rand(256, 3, 16, 16, generator=g)
-    labels = torch.randint(0, K, (256,), generator=g)
+    data = torch.rand(256, 3, 16, 16, generator=g).to(device)
+    labels = torch.randint(0, K, (256,), generator=g).to(device)
     torch.manual_seed(4)  # the attack's Gaussian start
     rows = []
-    for i in range(STEPS):
-        idx = torch.arange(i * 32, i * 32 + 32) % 256
-        out = task.step(data[idx], labels[idx])
+    for i in range(steps):
+        idx = torch.arange(i * 32, i * 32 + 32, device=device) % 256
+        out = task.step(data[idx].contiguous(memory_format=fmt), labels[idx])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         rows.append(out.row().float())
-    return torch.stack(rows)
+    return torch.stack(rows).cpu()
 
 
 def test_bf16_autocast_follows_the_fp32_trajectory() -> None:
