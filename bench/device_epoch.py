@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_step import environment, random_teachers  # noqa: E402
 from bmtard_ray.config import build_config  # noqa: E402
 from bmtard_ray.data import Split, dataset_info  # noqa: E402
+from bmtard_ray.errors import BmtardError  # noqa: E402
 from bmtard_ray.loop import DataBundle, Trainer, prepare_data  # noqa: E402
 
 SYNTHETIC = "synthetic"
@@ -120,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmp", default="runs/device-epoch", help="the run's folder (model, trace, reports)")
     p.add_argument("--json", help="write the timings here (rewritten after every phase)")
     args = p.parse_args(argv)
-    r = run(args)
+    try:
+        r = run(args)
+    except BmtardError as exc:  # a missing data folder, a bad setting: one line, exit status 2
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     print(f"epoch: {r['train_images']} images in {r['steps']} steps, {r['train_s']:.1f} s in the loop "
           f"({r['loop_images_per_s']:.0f} img/s), validation {r['validation_s']:.1f} s, final evaluation "
           f"{r['final_eval_s']:.1f} s, wall {r['wall_s']:.1f} s on {r['device']}", flush=True)

@@ -58,9 +58,22 @@ def _versions(env: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _ceiling(ceilings: list[dict[str, Any]], gpu: bool, mode: str) -> float | None:
+    """The conv ceiling for a row measured in another process (the compile part measures none): the
+    rule of bench/ceilings.ceiling_for."""
+    dtype, layout = (("bf16", "channels_last") if mode != "reference" else ("fp32-default", "NCHW")) if gpu \
+        else ("fp32", "channels_last")
+    found = [c["tflops"] for c in ceilings if c["op"] == "conv" and c["dtype"] == dtype and c["layout"] == layout]
+    return max(found, default=None)
+
+
 def _step_section(runs: list[dict[str, Any]]) -> list[str]:
     rows = [r for run in runs for r in run.get("rows", [])]
     ceilings = [c for run in runs for c in run.get("ceilings", [])]
+    gpu = any(run.get("env", {}).get("gpu") for run in runs)
+    for r in rows:
+        if r.get("ceiling_tflops") is None:
+            r["ceiling_tflops"] = _ceiling(ceilings, gpu, r["mode"])
     if not rows:
         return ["No step benchmark rows (see status above)."]
     first = rows[0]
@@ -84,6 +97,10 @@ def _step_section(runs: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {label} | {r['mode']} | {r['images_per_s']:.1f} | {r['epoch_s']:.1f} | {speed} | "
                      f"{_f(r.get('peak_mem_gib'), '.2f')} | {r['tflops']:.3g} | {peak} | {vs_ceiling} | "
                      f"{_f(r.get('warmup_s'), '.1f')} |")
+    lines += ["", "Device peak: the vendor's dense figure, bf16 for the fast modes, TF32 for the reference mode (its "
+                  "float32 convolutions run in TF32 under torch's default cuDNN flags). Conv ceiling: the best 3x3 "
+                  "convolution measured below, bf16 channels_last for the fast modes, fp32 NCHW under the default "
+                  "flags for the reference mode (fp32 channels_last on a CPU)."]
     if ceilings:
         lines += ["", "Ceilings measured in the same run (`bench/ceilings.py`):", "",
                   "| operation | dtype | layout | TFLOP/s |", "|---|---|---|---:|"]

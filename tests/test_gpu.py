@@ -144,7 +144,6 @@ def _assert_same_steps(name: str, arch: str, variant: dict[str, Any],
                        record_property: Callable[[str, object], None]) -> None:
     """The step of ``arch`` with ``variant`` (keywords of _bmtard_steps) against the eager contiguous step.
 
-
     Two comparisons, because PGD's sign(grad) is discontinuous: a pixel whose gradient is within rounding
     of 0 may step the other way, and a few such pixels move L_adv by ~1e-3 and the update by a few %
     (measured on the CPU for channels_last vs contiguous: 1.3e-3 and 5 % at the third step) without
