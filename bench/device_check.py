@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU check in one command: GPU tests, step benchmark and one real epoch, each with its own deadline.
 
-    PYTHONPATH=. python3 bench/device_check.py --out "$OUT"              # on a lent GPU: under 5 minutes
+    PYTHONPATH=. python3 bench/device_check.py --out "$OUT"              # on a lent GPU: stops itself at 290 s
     PYTHONPATH=. python3 bench/device_check.py --dry-run --out /tmp/dc   # on any CPU: tiny sizes (CI runs it)
 
 Made for a short window on a machine that reaches no network and has torch, torchvision, numpy, pyarrow,
