@@ -1,9 +1,10 @@
 """Robustness evaluation: every attack of REFERENCE §5, W-Robust accuracy, seeded and deterministic.
 
 ``evaluate(model, split, cfg)`` runs the attacks named in ``cfg.attacks`` (L-inf, eps ``cfg.eps``, fp32 with
-TF32 off (:mod:`bmtard_ray.evaluation.precision`), model in eval mode, inputs in [0, 1]) over the split batch by batch and returns an :class:`EvalResult` with
-accuracies and W-Robust = (clean + robust) / 2 in percent. Training runs call it at the end (and on the
-validation subset every epoch); ``run_eval.py`` calls it for any checkpoint.
+TF32 off (:mod:`bmtard_ray.evaluation.precision`), model in eval mode, inputs in [0, 1]) over the split
+batch by batch and returns an :class:`EvalResult` with accuracies and W-Robust = (clean + robust) / 2 in
+percent. Training runs call it at the end (and on the validation subset every epoch); ``run_eval.py``
+calls it for any checkpoint.
 
 Robust accuracy is the accuracy of the model on the attacked images, as the released code and RobustBench
 count it (an image misclassified when clean usually stays misclassified). Clean accuracy is always measured,
@@ -256,7 +257,8 @@ def evaluate(model: nn.Module, split: Split, cfg: "EvalConfig", *, device: torch
     wr = {a: w_robust(accuracy["clean"], v) for a, v in accuracy.items() if a != "clean"}
     meta = {"threat_model": "Linf", "eps": cfg.eps, "eps_label": eps_label(cfg.eps), "seed": cfg.seed,
             "batch_size": bs, "n_examples": n, "split_size": split_size, "subset": n < split_size,
-            "headline": cfg.headline, "attack_params": params, "backends": backends, "dtype": "float32", "tf32": False,
+            "headline": cfg.headline, "attack_params": params, "backends": backends, "dtype": "float32",
+            "tf32": False,
             "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
             "model_class": type(model).__name__, "model_arch": getattr(model, "arch_name", None),
             "source_model_class": type(source_model).__name__ if source_model is not None else None,
