@@ -20,21 +20,21 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 from bmtard_ray import io
 from bmtard_ray.config import from_dict
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.tuning.search_space import SearchSpace, base_values, load_space, trial_config
 from bmtard_ray.ray_train.cluster import cluster_resources
-from bmtard_ray.tuning.optuna_space import DefineByRun, make_sampler, make_storage
+from bmtard_ray.tuning.optuna_space import DefineByRun, make_sampler, make_storage, open_study
 from bmtard_ray.tuning.results import TrialRecord
-from bmtard_ray.tuning.settings import SETTINGS_FILE, TRIAL_METRICS, TuneSettings, max_concurrent_trials
+from bmtard_ray.tuning.search_space import SearchSpace, base_values, load_space, trial_config
+from bmtard_ray.tuning.searcher import TRAIN_DIR, StudySearch, close_unfinished, trial_folder
+from bmtard_ray.tuning.settings import (SETTINGS_FILE, TRIAL_METRICS, TuneSettings, max_concurrent_trials,
+                                        read_settings_file)
 from bmtard_ray.tuning.trainable import TrialSetup, make_trainable
 
 SPACE_COPY = "space.yaml"
-TRAIN_DIR = "train"
 
 
 @dataclass
@@ -51,13 +51,21 @@ def setup_of(settings: TuneSettings, space: SearchSpace) -> TrialSetup:
                       gpus_per_worker=settings.gpus_per_worker or 0.0)
 
 
-def make_searcher(settings: TuneSettings, space: SearchSpace) -> OptunaSearch:
+def study_attrs(settings: TuneSettings, space: SearchSpace) -> dict[str, Any]:
+    """What the Optuna study records about the search (shown by optuna-dashboard beside the trials)."""
+    return {"space": space.name, "space_file": str(Path(settings.experiment_dir) / SPACE_COPY),
+            "preset": settings.preset, "objectives": list(settings.objectives), "modes": list(settings.modes),
+            "scheduler": settings.scheduler, "experiment_dir": settings.experiment_dir}
+
+
+def make_searcher(settings: TuneSettings, space: SearchSpace) -> StudySearch:
     base = from_dict(settings.base_config)
     metric: Any = list(settings.objectives) if settings.multi else settings.objective
     mode: Any = list(settings.modes) if settings.multi else settings.mode
-    return OptunaSearch(DefineByRun(space, base_values(base, space)), metric=metric, mode=mode,
-                        sampler=make_sampler(settings), storage=make_storage(settings.storage_url),
-                        study_name=settings.study_name)
+    return StudySearch(DefineByRun(space, base_values(base, space)), metric=metric, mode=mode,
+                       sampler=make_sampler(settings), storage=make_storage(settings.storage_url),
+                       study_name=settings.study_name, max_epochs=int(base.optim.epochs),
+                       experiment_dir=settings.experiment_dir, study_attrs=study_attrs(settings, space))
 
 
 def make_scheduler(settings: TuneSettings, max_epochs: int) -> Any:
@@ -97,7 +105,7 @@ class EpochBudget(tune.Stopper):
 
 
 def trial_dirname(trial: Any) -> str:
-    return f"trial_{trial.trial_id}"
+    return trial_folder("", trial.trial_id).name
 
 
 def write_settings(settings: TuneSettings, space_path: Path) -> None:
@@ -108,13 +116,7 @@ def write_settings(settings: TuneSettings, space_path: Path) -> None:
 
 
 def read_settings(experiment_dir: Path) -> tuple[TuneSettings, SearchSpace]:
-    path = experiment_dir / SETTINGS_FILE
-    if not path.is_file():
-        raise ConfigError(f"{experiment_dir} is not a run_tune.py experiment (no {SETTINGS_FILE}); "
-                          "give the experiment folder printed when it started")
-    settings = TuneSettings.from_json(path.read_text())
-    # A resumed experiment may live elsewhere than where it started: trust the folder we were given.
-    settings.experiment_dir = str(experiment_dir.resolve())
+    settings = read_settings_file(experiment_dir)
     space = load_space(experiment_dir / SPACE_COPY)
     return settings, space
 
@@ -150,8 +152,10 @@ def run(settings: TuneSettings, space: SearchSpace, *, resume: bool, console: Co
     records = collect_records(grid, settings, space, max_epochs, statuses)
     complete = is_complete(statuses, settings)
     if settings.epoch_budget and sum(r.epochs for r in records) >= settings.epoch_budget:
-        # The budget ended the search: trials that never started are not part of it.
+        # The budget ended the search: trials that never started are not part of it, and the ones it cut
+        # off (Tune stops them without telling the searcher) are PRUNED in the study, not left RUNNING.
         complete = True
+        close_unfinished(open_study(settings))
         records = [r for r in records if r.metrics or r.status in ("TERMINATED", "ERROR")]
         for number, r in enumerate(records):
             r.number = number

@@ -66,3 +66,8 @@ def make_sampler(settings: TuneSettings) -> optuna.samplers.BaseSampler:
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """Optuna storage for ``url`` (an RDB URL; SQLite by default) so optuna-dashboard can open the study."""
     return optuna.storages.RDBStorage(url)
+
+
+def open_study(settings: TuneSettings) -> optuna.Study:
+    """The experiment's Optuna study (it exists once the searcher has been created)."""
+    return optuna.load_study(study_name=settings.study_name, storage=make_storage(settings.storage_url))

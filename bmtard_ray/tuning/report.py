@@ -11,8 +11,11 @@ from rich.console import Console
 from bmtard_ray import io
 from bmtard_ray.tuning import plots
 from bmtard_ray.tuning.experiment import Outcome
+from bmtard_ray.tuning.final import FinalResult, evaluate_best, trace_table
+from bmtard_ray.tuning.optuna_space import open_study
 from bmtard_ray.tuning.results import (TrialRecord, best_record, leaderboard_markdown, leaderboard_table,
                                        pareto_ids, write_table)
+from bmtard_ray.tuning.searcher import set_study_attrs
 from bmtard_ray.tuning.settings import TuneSettings
 
 TABLE = "trials.parquet"
@@ -37,8 +40,6 @@ def write_partial(outcome: Outcome, settings: TuneSettings, console: Console) ->
 def trajectories(record: TrialRecord, state: dict[str, Any] | None) -> tuple[dict[str, list[float]], list[float], str]:
     """tau/w of one trial: per iteration from its checkpoint's trace, else per epoch from its reports."""
     if state is not None:
-        from bmtard_ray.tuning.final import trace_table
-
         table = trace_table(state)
         if table is not None and table.num_rows:
             cols = {c: table.column(c).to_pylist() for c in ("tau_adv", "tau_nat", "w_adv", "w_nat")}
@@ -48,9 +49,17 @@ def trajectories(record: TrialRecord, state: dict[str, Any] | None) -> tuple[dic
     return cols, [h.get("epoch", i + 1) for i, h in enumerate(hist)], "epoch"
 
 
-def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[str, Any]:
-    from bmtard_ray.tuning.final import evaluate_best
+def record_selection(settings: TuneSettings, trial_id: str, final: FinalResult) -> None:
+    """The selected trial and its test result, as attributes of the Optuna study (optuna-dashboard shows them)."""
+    study = open_study(settings)
+    number = next((t.number for t in study.get_trials(deepcopy=False)
+                   if t.user_attrs.get("ray_trial_id") == trial_id), None)
+    set_study_attrs(study, {"selected_trial_id": trial_id, "selected_trial_number": number,
+                            "test_w_robust": final.w_robust, "test_accuracy": final.accuracy,
+                            "test_examples": final.n_examples})
 
+
+def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[str, Any]:
     exp, records = outcome.experiment_dir, outcome.records
     write_table(records, settings, exp / TABLE)
     io.atomic_text(leaderboard_markdown(records, settings, title(settings)), exp / LEADERBOARD)
@@ -76,11 +85,13 @@ def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[s
         series, x, xlabel = trajectories(best, final.state)
         plots.plot_trajectories(series, x, xlabel, figs / "best_trajectories.png",
                                 f"trial {best.trial_id}: temperatures and loss weights")
+        record_selection(settings, best.trial_id, final)
         summary["best"] = {"trial_id": best.trial_id, "params": best.params, "effective": best.effective,
                            "validation": {k: best.metrics.get(k) for k in ("val_clean", "val_robust", "val_w_robust")},
                            "test": {"n_examples": final.n_examples, "accuracy": final.accuracy,
                                     "w_robust": final.w_robust}, "folder": str(final.folder)}
     io.atomic_text(json.dumps(summary, indent=2, default=str), exp / "summary.json")
     console.print(f"trials table: {exp / TABLE}\nleaderboard: {exp / LEADERBOARD}\nplots: {figs}\n"
-                  f"Optuna study: optuna-dashboard {settings.storage_url}\nTensorBoard: tensorboard --logdir {exp}")
+                  f"Optuna study: optuna-dashboard {settings.storage_url}\nTensorBoard: tensorboard --logdir {exp}\n"
+                  f"both at once, on 127.0.0.1: python run_tune.py --review {exp}", soft_wrap=True)
     return summary

@@ -31,6 +31,8 @@ SAMPLERS = ("tpe", "random", "nsga2")
 SCHEDULERS = ("asha", "fifo")
 MODES = ("max", "min")
 SETTINGS_FILE = "settings.json"
+# The Ray dashboard of the cluster the search runs on (written when it connects; read by --review).
+CLUSTER_FILE = "ray_cluster.json"
 
 
 def objective_names() -> tuple[str, ...]:
@@ -83,6 +85,7 @@ class TuneSettings:
     final_attacks: tuple[str, ...] = ()                 # () : the evaluation suite (see final.py)
     final_examples: int | None = None                   # None: the base config's eval.n_examples
     top: int = 10                                       # leaderboard rows printed
+    preset: str | None = None                           # the trials' preset (recorded in the Optuna study)
     base_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -156,6 +159,18 @@ class TuneSettings:
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
+
+
+def read_settings_file(experiment_dir: Path) -> TuneSettings:
+    """The settings an experiment folder was started with (a one-line error if it holds none)."""
+    path = experiment_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{experiment_dir} is not a run_tune.py experiment (no {SETTINGS_FILE}); "
+                          "give the experiment folder printed when it started")
+    settings = TuneSettings.from_json(path.read_text())
+    # An experiment may live elsewhere than where it started: trust the folder we were given.
+    settings.experiment_dir = str(experiment_dir.resolve())
+    return settings
 
 
 def check_storage_url(url: str) -> None:
