@@ -3,6 +3,7 @@ command line's bad-input errors (exit 2, nothing written), and slow end-to-end r
 CIFAR-10 copy (smoke test, resume after an interruption, `ray job submit`)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -411,20 +412,34 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
             assert p.low <= r[f"param.{p.key}"] <= p.high
         assert Path(r["checkpoint_path"], "checkpoint.pt").is_file()
     # Every metric the objective check accepts is one a real trial reports (TRIAL_METRICS is not a guess).
-    import csv
     with open(next(exp.glob("trial_*/progress.csv"))) as f:
         reported = set(next(csv.reader(f)))
     assert set(TRIAL_METRICS) <= reported, set(TRIAL_METRICS) - reported
-    # The Optuna study: one COMPLETE trial per Tune trial, told the value(s) Tune saw last.
+    # The trials differ: the smoke search's student learns, and its knobs move the outcome.
+    assert len({r["val_w_robust"] for r in rows}) > 1, [r["val_w_robust"] for r in rows]
+    # The Optuna study: one trial per Tune trial, linked to it; COMPLETE with the value(s) Tune saw last when
+    # it trained every epoch, PRUNED when ASHA stopped it; the per-epoch curve as intermediate values.
     study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'optuna.db'}")
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(study.trials) == len(done) == n_trials
-    assert len(study.directions) == (2 if multi else 1)
-    by_params = {tuple(sorted(t.params.items())): t.values for t in done}
+    assert len(study.trials) == n_trials and len(study.directions) == (2 if multi else 1)
+    assert study.metric_names == (["val_clean", "val_robust"] if multi else ["val_w_robust"])
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     for r in rows:
-        key = tuple(sorted((p.key, r[f"param.{p.key}"]) for p in space.params))
-        expected = [r["val_clean"], r["val_robust"]] if multi else [r["val_w_robust"]]
-        assert by_params[key] == pytest.approx(expected)
+        t = by_id[r["trial_id"]]
+        assert t.params == {p.key: r[f"param.{p.key}"] for p in space.params}
+        assert t.user_attrs["run_folder"] == str(exp / "train" / r["trial_id"])
+        assert Path(t.user_attrs["trial_folder"], "progress.csv").is_file()
+        if r["stopped_early"]:
+            assert t.state == optuna.trial.TrialState.PRUNED, (r["trial_id"], t.state)
+        else:
+            assert t.state == optuna.trial.TrialState.COMPLETE, (r["trial_id"], t.state)
+            expected = [r["val_clean"], r["val_robust"]] if multi else [r["val_w_robust"]]
+            assert t.values == pytest.approx(expected)
+        if not multi:
+            with open(Path(t.user_attrs["trial_folder"]) / "progress.csv") as f:
+                hist = {int(float(h["epoch"])): float(h["val_w_robust"]) for h in csv.DictReader(f)}
+            assert t.intermediate_values == pytest.approx(hist) and len(hist) == r["epochs"]
+    if not multi:  # the smoke search's ASHA stops some trials: both states are exercised
+        assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     if multi:  # the table's Pareto flags are the study's own Pareto front
         front = {tuple(sorted(t.params.items())) for t in study.best_trials}
         for r in rows:
@@ -445,6 +460,11 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     report = json.loads((exp / "best" / "test.json").read_text())
     assert set(report["accuracy"]) == {"clean", "fgsm", "pgd_sat"} and report["n_examples"] == 64
     assert report["split"] == "test" and best["test"]["accuracy"] == report["accuracy"]
+    # ... and the study records the search and that selection.
+    attrs = study.user_attrs
+    assert attrs["space"] == "smoke" and attrs["preset"] == "smoke-search"
+    assert attrs["selected_trial_id"] == best["trial_id"] and attrs["test_w_robust"] == pytest.approx(report["w_robust"])
+    assert by_id[best["trial_id"]].number == attrs["selected_trial_number"]
     import torch
     model = torch.load(exp / "best" / "model.pt", weights_only=True)
     assert model["arch"] == "tiny_cnn"

@@ -22,7 +22,9 @@ from bmtard_ray.tuning.search_space import (SearchSpace, check_space, describe_s
 from bmtard_ray.tuning.settings import (DEFAULT_MULTI_OBJECTIVES, DEFAULT_OBJECTIVE, SAMPLERS, SCHEDULERS,
                                         SETTINGS_FILE, TuneSettings, default_mode, objective_names)
 
-SMOKE = {"space": "smoke", "num_samples": 4, "final_attacks": "clean,fgsm,pgd_sat", "final_examples": 64}
+# --smoke-test: seconds per trial, yet trials that learn something and differ (see the preset's comment).
+SMOKE = {"space": "smoke", "preset": "smoke-search", "num_samples": 4, "final_attacks": "clean,fgsm,pgd_sat",
+         "final_examples": 64}
 
 
 def tune_parser() -> argparse.ArgumentParser:
@@ -30,8 +32,8 @@ def tune_parser() -> argparse.ArgumentParser:
                                 "with Optuna inside Ray Tune; each trial is a Ray Train run.")
     p.add_argument("--space", help=f"search space: a name ({', '.join(space_names())}) or a path to a YAML file")
     p.add_argument("--smoke-test", action="store_true",
-                   help="a tiny search (space smoke unless --space, smoke preset unless --preset, 4 trials, a small "
-                        "final evaluation) that finishes in about 2 minutes on 2 CPUs")
+                   help="a tiny search (space smoke unless --space, preset smoke-search unless --preset, 4 trials, a "
+                        "small final evaluation) that finishes in a few minutes on 2 CPUs")
     add_config_args(p)
     # The trials' preset defaults to the space's base.preset; override the generic default of run_train.py.
     p.set_defaults(preset=None)
@@ -79,12 +81,15 @@ def tune_parser() -> argparse.ArgumentParser:
     return p
 
 
+def preset_of(args: argparse.Namespace, space: SearchSpace) -> str:
+    return args.preset or (SMOKE["preset"] if args.smoke_test else None) or space.base_preset or "cpu"
+
+
 def base_config(args: argparse.Namespace, space: SearchSpace) -> RunConfig:
     """preset (or the space's) -> --config files -> the space's base.set -> shortcut flags -> --set."""
     shortcuts = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()
                  if attr not in ("name", "output_dir") and getattr(args, attr, None) is not None]
-    preset = args.preset or ("smoke" if args.smoke_test else None) or space.base_preset or "cpu"
-    cfg = build_config(preset, args.config, shortcuts + list(args.overrides), extra=nest(space.base_set))
+    cfg = build_config(preset_of(args, space), args.config, shortcuts + list(args.overrides), extra=nest(space.base_set))
     # Tuning needs a validation score every epoch (ASHA compares trials at each rung, Optuna records the
     # curve) and a checkpoint every epoch (a stopped trial's last report must point at its weights).
     if cfg.val_every != 1 or cfg.checkpoint_every != 1:
@@ -135,7 +140,7 @@ def settings_from_args(args: argparse.Namespace, space: SearchSpace, cfg: RunCon
         study_name=name, workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent, epoch_budget=args.epoch_budget,
         final_attacks=tuple(a.strip() for a in final_attacks.split(",") if a.strip()),
-        final_examples=final_examples, top=args.top, base_config=to_dict(cfg)).validate()
+        final_examples=final_examples, top=args.top, preset=preset_of(args, space), base_config=to_dict(cfg)).validate()
 
 
 def check_final_attacks(settings: TuneSettings, space: SearchSpace, cfg: RunConfig) -> None:
