@@ -13,6 +13,7 @@ from rich.console import Console
 from bmtard_ray import io
 from bmtard_ray.config import RunConfig
 from bmtard_ray.data import prepare_data
+from bmtard_ray.events import EpochEvents
 from bmtard_ray.loop import Trainer
 from bmtard_ray.storage import (CHECKPOINT_FILE, check_run_folder, find_checkpoint, load_resume_state,
                                 run_dir_of_checkpoint, write_config)
@@ -41,15 +42,20 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None:
             io.atomic_torch_save(checkpoint, run_dir / CHECKPOINT_FILE)
+        events(metrics)
 
     trainer = Trainer(cfg, data=data, report=report, log=epoch_logger(console, cfg.optim.epochs))
     if state is not None:
         trainer.load_state_dict(state)
         console.print(f"resuming {run_dir} after epoch {trainer.state.epoch}")
     write_config(cfg, run_dir)
+    events = EpochEvents(run_dir, fresh=state is None)  # TensorBoard: watch the run live (report() writes)
     console.print(f"[bold]{cfg.name}[/bold]: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images) on {trainer.device}")
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        events.close()
     summary = trainer.finish(run_dir)
     print_summary(summary, console)
     console.print(f"outputs in {run_dir}")

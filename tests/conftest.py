@@ -59,3 +59,27 @@ def head_port_flags(gcs: int, dashboard: int) -> list[str]:
              "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
              "--node-manager-port": free_port(), "--object-manager-port": free_port()}
     return [str(x) for kv in ports.items() for x in kv]
+
+
+def read_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the TensorBoard event files directly in ``folder``: {tag: {step: value}}.
+
+    Reads the TFRecord framing itself (length, CRC, record, CRC) with tensorboardX's Event message, so the
+    tests need neither TensorFlow nor TensorBoard."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            record = data[pos + 12:pos + 12 + length]
+            pos += 12 + length + 4
+            event = Event()
+            event.ParseFromString(record)
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
+    return out

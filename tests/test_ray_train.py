@@ -30,7 +30,7 @@ from bmtard_ray.loop import TRACE_COLUMNS
 from bmtard_ray.runner import run_local
 from bmtard_ray.teachers import ensure_teachers
 import faults
-from conftest import free_port, head_port_flags
+from conftest import free_port, head_port_flags, read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
@@ -362,6 +362,13 @@ def test_ray_run_writes_every_output_and_matches_the_in_process_run(ray_run: dic
     assert saved["results"] == ray_run["summary"]["results"] and saved["epochs"] == 2
     lines = [ln for ln in ray_run["output"].splitlines() if ln.startswith("epoch ")]
     assert [ln.split(" | ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    # TensorBoard events in both run folders, written from the same per-epoch metrics as metrics.parquet.
+    for folder in (run, ray_run["local_run"]):
+        scalars = read_scalars(folder)
+        for name, tag in (("val_w_robust", "validation/val_w_robust"), ("train_loss", "loss/train_loss"),
+                          ("tau_adv", "balance/tau_adv"), ("w_nat", "balance/w_nat")):
+            assert list(scalars[tag].values()) == pytest.approx(column(folder, name)), (folder, tag)
+            assert list(scalars[tag]) == [1, 2]
     assert all("ETA" in ln and "val W-Robust" in ln for ln in lines)
 
 

@@ -14,6 +14,7 @@ import torch
 from bmtard_ray.config import build_config
 from bmtard_ray.loop import TRACE_COLUMNS
 from bmtard_ray.runner import run_local
+from conftest import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,11 @@ def test_smoke_run_writes_every_output_with_a_trace_row_per_iteration(tmp_path: 
     metrics = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [m["epoch"] for m in metrics] == list(range(1, cfg.optim.epochs + 1))
     assert all(math.isfinite(m["train_loss"]) and 0 <= m["val_w_robust"] <= 100 for m in metrics)
+    # ... and as TensorBoard events (losses, balance, validation), to watch a run while it trains.
+    scalars = read_scalars(run)
+    for name, tag in (("val_w_robust", "validation/val_w_robust"), ("train_L_adv", "loss/train_L_adv"),
+                      ("w_adv", "balance/w_adv")):
+        assert scalars[tag] == pytest.approx({m["epoch"]: m[name] for m in metrics}), tag
     saved = json.loads((run / "summary.json").read_text())
     test = saved["results"]["test"]
     assert test["w_robust"]["pgd_sat"] == pytest.approx((test["accuracy"]["clean"] + test["accuracy"]["pgd_sat"]) / 2)

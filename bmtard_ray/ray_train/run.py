@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from rich.text import Text
 from bmtard_ray.config import RunConfig, teacher_cache_dir, to_dict
 from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
+from bmtard_ray.events import EpochEvents
 from bmtard_ray.names import teacher_roles
 from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
 from bmtard_ray.ray_train.scaling import ScalingOptions, scaling_from_args
@@ -70,15 +71,17 @@ def user_error(exc: BaseException) -> BmtardError | None:
     return None
 
 
-def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title: str) -> Any:
-    """``trainer.fit()`` with the live per-epoch view fed by the controller callback's queue."""
+def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title: str,
+                  listeners: Sequence[Callable[[dict[str, Any]], None]] = ()) -> Any:
+    """``trainer.fit()`` with the live per-epoch view fed by the controller callback's queue; each of
+    ``listeners`` also gets every epoch's metrics (rank 0's report)."""
     from ray.util.queue import Queue
 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer.run_config.callbacks.append(ForwardToDriver(queue))
     stop = threading.Event()
     with EpochView(console, cfg.optim.epochs, title) as view:
-        pumper = threading.Thread(target=pump, args=(queue, view, stop), daemon=True)
+        pumper = threading.Thread(target=pump, args=(queue, view, stop, listeners), daemon=True)
         pumper.start()
         try:
             return trainer.fit()
@@ -130,7 +133,15 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
     console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset}, "
                   f"{scaling.num_workers} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
-    result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.num_workers} worker(s))")
+    # TensorBoard events in the run folder, written here on the driver from rank 0's reports (a storage
+    # URI gets none: tensorboardX writes local files).
+    events = None if is_uri(run_dir) else EpochEvents(run_dir, fresh=not resume and resume_from is None)
+    try:
+        result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.num_workers} worker(s))",
+                               listeners=[events] if events else [])
+    finally:
+        if events:
+            events.close()
     summary = dict(result.return_value or {})
     if not summary:
         raise RuntimeError(f"the run in {run_dir} ended without a summary from rank 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray.train import UserCallback
@@ -113,7 +114,9 @@ class EpochView:
             self.console.print(Text(msg, style="yellow"), soft_wrap=True)
 
 
-def pump(queue: Any, view: EpochView, stop: threading.Event) -> None:
+def pump(queue: Any, view: EpochView, stop: threading.Event,
+         listeners: Sequence[Callable[[dict[str, Any]], None]] = ()) -> None:
+    """Feed the view (and each of ``listeners``, e.g. TensorBoard events) from the controller's queue."""
     from ray.util.queue import Empty
 
     while True:
@@ -128,6 +131,8 @@ def pump(queue: Any, view: EpochView, stop: threading.Event) -> None:
         try:
             if kind == "report":
                 view.report(payload)
+                for listen in listeners:
+                    listen(payload)
             elif kind == "failure":
                 view.failure(payload)
         except Exception as exc:  # a display problem must never stop the run or the view
