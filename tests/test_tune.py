@@ -438,8 +438,6 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
             with open(Path(t.user_attrs["trial_folder"]) / "progress.csv") as f:
                 hist = {int(float(h["epoch"])): float(h["val_w_robust"]) for h in csv.DictReader(f)}
             assert t.intermediate_values == pytest.approx(hist) and len(hist) == r["epochs"]
-    if not multi:  # the smoke search's ASHA stops some trials: both states are exercised
-        assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     if multi:  # the table's Pareto flags are the study's own Pareto front
         front = {tuple(sorted(t.params.items())) for t in study.best_trials}
         for r in rows:
@@ -463,8 +461,9 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     # ... and the study records the search and that selection.
     attrs = study.user_attrs
     assert attrs["space"] == "smoke" and attrs["preset"] == "smoke-search"
-    assert attrs["selected_trial_id"] == best["trial_id"] and attrs["test_w_robust"] == pytest.approx(report["w_robust"])
-    assert by_id[best["trial_id"]].number == attrs["selected_trial_number"]
+    assert attrs["objectives"] == ({"val_clean": "max", "val_robust": "max"} if multi else {"val_w_robust": "max"})
+    assert attrs["selected_trial"] == {"ray_trial_id": best["trial_id"], "number": by_id[best["trial_id"]].number}
+    assert attrs["test_w_robust"] == pytest.approx(report["w_robust"] | {"n_examples": 64})
     import torch
     model = torch.load(exp / "best" / "model.pt", weights_only=True)
     assert model["arch"] == "tiny_cnn"

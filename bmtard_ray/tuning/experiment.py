@@ -52,10 +52,10 @@ def setup_of(settings: TuneSettings, space: SearchSpace) -> TrialSetup:
 
 
 def study_attrs(settings: TuneSettings, space: SearchSpace) -> dict[str, Any]:
-    """What the Optuna study records about the search (shown by optuna-dashboard beside the trials)."""
-    return {"space": space.name, "space_file": str(Path(settings.experiment_dir) / SPACE_COPY),
-            "preset": settings.preset, "objectives": list(settings.objectives), "modes": list(settings.modes),
-            "scheduler": settings.scheduler, "experiment_dir": settings.experiment_dir}
+    """What the Optuna study records about the search, shown by optuna-dashboard beside the trials (few
+    keys: its table shows five rows a page, and the selection adds two at the end, see report.py)."""
+    return {"space": space.name, "preset": settings.preset,
+            "objectives": dict(zip(settings.objectives, settings.modes))}
 
 
 def make_searcher(settings: TuneSettings, space: SearchSpace) -> StudySearch:

@@ -54,9 +54,8 @@ def record_selection(settings: TuneSettings, trial_id: str, final: FinalResult) 
     study = open_study(settings)
     number = next((t.number for t in study.get_trials(deepcopy=False)
                    if t.user_attrs.get("ray_trial_id") == trial_id), None)
-    set_study_attrs(study, {"selected_trial_id": trial_id, "selected_trial_number": number,
-                            "test_w_robust": final.w_robust, "test_accuracy": final.accuracy,
-                            "test_examples": final.n_examples})
+    set_study_attrs(study, {"selected_trial": {"ray_trial_id": trial_id, "number": number},
+                            "test_w_robust": final.w_robust | {"n_examples": final.n_examples}})
 
 
 def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[str, Any]:
