@@ -92,7 +92,8 @@ def connect(address: str | None = None, **local_init: Any) -> bool:
             # Joining a cluster: its resources are what they are, so no counts are passed.
             ray.init(address=target, log_to_driver=True)
         else:
-            # The dashboard's Train view needs this flag in the driver before the trainer is built.
+            # Ray Train keeps its state (served as JSON at the dashboard's /api/train/v2/runs/v1; Ray 2.60 has no
+            # Train page) only with this flag, set in the driver before the trainer is built.
             os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
             # The driver's live view is fed by a queue, not by worker output; what workers and Ray's own
             # actors print (deprecation notes, internal warnings) stays in the session's log folder.
@@ -146,8 +147,20 @@ def init_ray(address: str | None, num_cpus: int | None) -> bool:
                               f"{address or os.environ['RAY_ADDRESS']}")
         ray.init(address=address or None)
         return False
+    # Ray Train's state (the trials' runs and workers, /api/train/v2/runs/v1 on the dashboard) is kept only with
+    # this flag, read by each trial's Train controller: they inherit it from the instance started here.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     start_local_ray(num_cpus=num_cpus)
     return True
+
+
+def dashboard_url() -> str | None:
+    """The connected cluster's dashboard as http://host:port (None when it runs none)."""
+    # ray.init on a connected driver only returns the context (Ray's documented way to the dashboard URL).
+    url = ray.init(ignore_reinit_error=True).address_info.get("webui_url")
+    if not url:
+        return None
+    return url if url.startswith(("http://", "https://")) else f"http://{url}"
 
 
 def shutdown_ray(started: bool) -> None:

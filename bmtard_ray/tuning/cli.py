@@ -34,6 +34,12 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true",
                    help="a tiny search (space smoke unless --space, preset smoke-search unless --preset, 4 trials, a "
                         "small final evaluation) that finishes in a few minutes on 2 CPUs")
+    p.add_argument("--review", metavar="FOLDER",
+                   help="open an experiment folder (running or finished) in optuna-dashboard and TensorBoard, or a "
+                        "run_train.py run folder in TensorBoard, on 127.0.0.1; Ctrl-C stops them")
+    p.add_argument("--bind-all", action="store_true",
+                   help="with --review: listen on 0.0.0.0 instead of 127.0.0.1 (the dashboards have no "
+                        "authentication: anyone who can reach this machine sees them)")
     add_config_args(p)
     # The trials' preset defaults to the space's base.preset; override the generic default of run_train.py.
     p.set_defaults(preset=None)
@@ -180,12 +186,24 @@ def prepare(args: argparse.Namespace) -> tuple[TuneSettings, SearchSpace, RunCon
     return settings, space, cfg
 
 
+def review_from_args(args: argparse.Namespace, console: Console) -> int:
+    if not args.review:
+        raise ConfigError("--bind-all is an option of --review FOLDER")
+    if args.resume or args.space or args.smoke_test:
+        raise ConfigError("--review opens a folder's dashboards and runs nothing: drop --resume/--space/--smoke-test")
+    from bmtard_ray.tuning.review import review
+
+    return review(Path(args.review), bind_all=args.bind_all, console=console)
+
+
 @guarded
 def tune_main(argv: Sequence[str] | None = None) -> int:
     args = tune_parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:  # a log file or a job's output: room for the leaderboard's columns
         console = Console(width=max(console.width, 160))
+    if args.review or args.bind_all:
+        return review_from_args(args, console)
     from bmtard_ray.ray_train import cluster
     from bmtard_ray.tuning import report, session
 

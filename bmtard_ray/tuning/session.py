@@ -6,11 +6,15 @@ are written into the trials' base config, so every trial loads the same files an
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 from rich.console import Console
 
+from bmtard_ray import io
 from bmtard_ray.config import RunConfig, replace, to_dict
 from bmtard_ray.names import teacher_roles
 from bmtard_ray.data import prepare_data
@@ -18,7 +22,7 @@ from bmtard_ray.tuning.search_space import SearchSpace, trial_methods
 from bmtard_ray.teachers import check_given_teachers, ensure_teachers
 from bmtard_ray.ray_train import cluster
 from bmtard_ray.tuning import experiment
-from bmtard_ray.tuning.settings import TuneSettings, max_concurrent_trials, resolve_gpus
+from bmtard_ray.tuning.settings import CLUSTER_FILE, TuneSettings, max_concurrent_trials, resolve_gpus
 
 
 def prepare_teachers(cfg: RunConfig, space: SearchSpace, console: Console) -> RunConfig:
@@ -34,6 +38,12 @@ def prepare_teachers(cfg: RunConfig, space: SearchSpace, console: Console) -> Ru
         for role in teacher_roles(method):
             getattr(cfg.teachers, role).checkpoint = getattr(resolved.teachers, role).checkpoint
     return cfg
+
+
+def record_dashboard(experiment_dir: Path) -> None:
+    """Note the cluster's dashboard in the experiment folder, where ``run_tune.py --review`` looks for it."""
+    record = {"dashboard_url": cluster.dashboard_url(), "pid": os.getpid(), "time": time.time()}
+    io.atomic_text(json.dumps(record, indent=2), Path(experiment_dir) / CLUSTER_FILE)
 
 
 def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace,
@@ -55,6 +65,7 @@ def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argp
     resolve_gpus(settings, resources, cfg.device)
     n_concurrent = max_concurrent_trials(resources, settings)
     experiment.write_settings(settings, Path(space.source))
+    record_dashboard(exp)
     console.print(f"experiment folder: {exp}")
     outcome = experiment.run(settings, space, resume=False, console=console, verbose=0 if args.quiet else 1,
                              n_concurrent=n_concurrent)
@@ -72,5 +83,6 @@ def resume(exp: Path, args: argparse.Namespace, console: Console) -> tuple[exper
         settings.top = args.top
     settings.validate()
     args.started_ray = cluster.init_ray(args.address, args.num_cpus)
+    record_dashboard(Path(settings.experiment_dir))
     outcome = experiment.run(settings, space, resume=True, console=console, verbose=0 if args.quiet else 1)
     return outcome, settings

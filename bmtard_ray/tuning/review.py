@@ -1,0 +1,277 @@
+"""``run_tune.py --review FOLDER``: the dashboards a search (or a training run) is reviewed in.
+
+For an experiment folder (``settings.json``): optuna-dashboard on its study and TensorBoard on the folder
+(every trial's curves); for a ``run_train.py`` run folder (``config.yaml``): TensorBoard on it. Both listen
+on 127.0.0.1 (``--bind-all``: 0.0.0.0, with a warning: neither has any authentication) on free ports, and
+read their files live, so a running search or run can be watched. The Ray dashboard of a cluster that is up
+(the one the search recorded, ``RAY_ADDRESS``, or the default local one) is printed with how to get past its
+token prompt; the token itself is never printed. Ctrl-C (or SIGTERM) stops both servers.
+
+Pure Python plus the two servers' own command-line programs (``optuna-dashboard``, ``tensorboard``, from the
+``dashboard`` extra): no Ray is started or joined here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+
+from bmtard_ray.errors import ConfigError
+from bmtard_ray.tuning.settings import CLUSTER_FILE, SETTINGS_FILE, read_settings_file
+
+RUN_CONFIG = "config.yaml"                      # written at the start of every run_train.py run
+DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
+START_TIMEOUT_S = 180.0                         # TensorBoard takes tens of seconds on a busy 2-core machine
+EXTRA_HINT = "install the dashboard extra: pip install -e '.[dashboard]'"
+
+
+@dataclass
+class Target:
+    """What a folder is reviewed with."""
+    folder: Path
+    kind: str                                   # "experiment" | "run"
+    storage: str | None = None                  # the Optuna storage URL (experiments)
+    study_name: str | None = None
+    ray_candidates: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for any other database)."""
+    prefix = "sqlite:///"
+    return Path(url[len(prefix):]) if url.startswith(prefix) else None
+
+
+def _recorded_dashboard(folder: Path) -> str | None:
+    try:
+        url = json.loads((folder / CLUSTER_FILE).read_text()).get("dashboard_url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) and url else None
+
+
+def ray_candidates(folder: Path) -> list[str]:
+    """Where a Ray dashboard may answer, most specific first."""
+    out = [u for u in (_recorded_dashboard(folder),) if u]
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env.startswith(("http://", "https://")):   # `ray job submit` style: the dashboard itself
+        out.append(env.rstrip("/"))
+    out.append(DEFAULT_RAY_DASHBOARD)
+    return list(dict.fromkeys(out))
+
+
+def target_of(folder: Path) -> Target:
+    """Check the folder and decide what to start (one-line errors for anything else)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--review: {folder} is not a folder; give an experiment folder (runs/tune/<name>) or a "
+                          "run_train.py run folder (runs/<name>)")
+    folder = folder.resolve()
+    if (folder / SETTINGS_FILE).is_file():
+        settings = read_settings_file(folder)
+        db = sqlite_file(settings.storage_url)
+        if db is not None and not db.is_file():
+            raise ConfigError(f"--review: {folder} holds no Optuna study yet ({db} is missing: the search has not "
+                              "created its trials)")
+        return Target(folder, "experiment", settings.storage_url, settings.study_name, ray_candidates(folder))
+    if (folder / RUN_CONFIG).is_file():
+        return Target(folder, "run", ray_candidates=ray_candidates(folder))
+    raise ConfigError(f"--review: {folder} is neither a run_tune.py experiment ({SETTINGS_FILE}) nor a run_train.py "
+                      f"run ({RUN_CONFIG})")
+
+
+def program(name: str) -> str:
+    """A dashboard's command-line program: beside this Python (a venv need not be activated), else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"--review needs {name}, which is not installed: {EXTRA_HINT}")
+    return found
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def study_path(storage: str, study_name: str) -> str:
+    """optuna-dashboard's page of the study (its id in the storage), or the study list if it cannot tell."""
+    import optuna
+
+    try:
+        storage_obj = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+        return f"/dashboard/studies/{storage_obj.get_study_id_from_name(study_name)}"
+    except Exception:  # noqa: BLE001 - any storage problem: optuna-dashboard itself will show it
+        return "/dashboard"
+
+
+def server_commands(target: Target, host: str, ports: tuple[int, int]) -> list[tuple[str, list[str], str]]:
+    """(name, command, path of the page to open) per server."""
+    optuna_port, tb_port = ports
+    out = []
+    if target.kind == "experiment":
+        assert target.storage is not None and target.study_name is not None
+        out.append(("Optuna study", [program("optuna-dashboard"), target.storage, "--host", host,
+                                     "--port", str(optuna_port), "--quiet"],
+                    study_path(target.storage, target.study_name)))
+    # --reload_interval 5: new epochs and new trials show up within seconds of being written.
+    out.append(("TensorBoard", [program("tensorboard"), "--logdir", str(target.folder), "--host", host,
+                                "--port", str(tb_port), "--reload_interval", "5"], "/"))
+    return out
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, n: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def start(name: str, cmd: list[str], url: str, logs: Path) -> Server:
+    log = logs / f"{name.split()[0].lower()}.log"
+    out: IO[bytes] = open(log, "wb")  # noqa: SIM115 - the child writes to it until it stops
+    # Its own session: the terminal's Ctrl-C reaches only this process, which stops the servers in order.
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    out.close()
+    return Server(name, url, proc, log)
+
+
+def wait_until_up(servers: Sequence[Server], timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for s in list(pending):
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"{s.name} exited with status {s.proc.returncode}:\n{_tail(s.log)}")
+            if _answers(s.url):
+                pending.remove(s)
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"{', '.join(s.name for s in pending)} did not answer within {timeout_s:.0f} s")
+        if pending:
+            time.sleep(0.5)
+
+
+def stop(servers: Sequence[Server], grace_s: float = 10.0) -> None:
+    """SIGTERM each server's process group (they were started in their own sessions), then SIGKILL."""
+    for s in servers:
+        if s.proc.poll() is None:
+            try:
+                os.killpg(s.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for s in servers:
+        try:
+            s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(s.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            s.proc.wait()
+
+
+def ray_dashboard(candidates: Sequence[str]) -> tuple[str, str] | None:
+    """The first candidate where a Ray dashboard answers, with its authentication mode."""
+    for url in candidates:
+        try:
+            with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=2.0) as resp:
+                mode = json.loads(resp.read().decode()).get("authentication_mode", "unknown")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return url, str(mode)
+    return None
+
+
+def print_ray(console: Console, found: tuple[str, str] | None, candidates: Sequence[str]) -> None:
+    if found is None:
+        console.print(f"  Ray dashboard:  none answers (looked at {', '.join(candidates)}); no cluster is up here")
+        return
+    url, mode = found
+    console.print(f"  Ray dashboard:  {url}   (the job: Jobs; the training workers and their nodes: Actors; "
+                  f"Ray Train's state as JSON: {url}/api/train/v2/runs/v1)", soft_wrap=True)
+    if mode == "token":
+        console.print("                  token authentication is on: paste the output of `ray get-auth-token` "
+                      "(run on the head node) into the dashboard's prompt; it is not printed here", soft_wrap=True)
+
+
+def review(folder: Path, *, bind_all: bool = False, console: Console | None = None) -> int:
+    """Start the dashboards for ``folder``, print where they are, and keep them up until Ctrl-C or SIGTERM."""
+    console = console or Console()
+    target = target_of(folder)
+    host = "0.0.0.0" if bind_all else "127.0.0.1"
+    shown = socket.gethostname() if bind_all else "127.0.0.1"
+    commands = server_commands(target, host, (free_port(host), free_port(host)))
+    if bind_all:
+        console.print("[bold red]warning:[/bold red] --bind-all: optuna-dashboard and TensorBoard listen on every "
+                      "network interface and have no authentication; anyone who can reach this machine can read "
+                      "(and, in optuna-dashboard, edit notes of) the study", soft_wrap=True)
+    logs = Path(tempfile.mkdtemp(prefix="bmtard-review-"))
+    servers: list[Server] = []
+    # Ctrl-C and SIGTERM both stop the servers; SIGINT explicitly, since a shell's background job ignores it.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name, cmd, page in commands:
+            port = cmd[cmd.index("--port") + 1]
+            servers.append(start(name, cmd, f"http://{'127.0.0.1' if bind_all else host}:{port}{page}", logs))
+        what = (f"experiment {target.folder} (study '{target.study_name}' in {target.storage})"
+                if target.kind == "experiment" else f"training run {target.folder}")
+        console.print(f"reviewing {what}; starting {' and '.join(s.name for s in servers)} ...", soft_wrap=True)
+        wait_until_up(servers)
+        for s in servers:
+            console.print(f"  {s.name + ':':<15} {s.url.replace('127.0.0.1', shown) if bind_all else s.url}",
+                          soft_wrap=True)
+        print_ray(console, ray_dashboard(target.ray_candidates), target.ray_candidates)
+        console.print("press Ctrl-C to stop the dashboards", soft_wrap=True)
+        while True:
+            for s in servers:
+                if s.proc.poll() is not None:
+                    raise RuntimeError(f"{s.name} stopped (status {s.proc.returncode}):\n{_tail(s.log)}")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping the dashboards")
+        return 0
+    except RuntimeError as exc:
+        console.print(str(exc), style="red", soft_wrap=True, markup=False)
+        return 1
+    finally:
+        stop(servers)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
