@@ -244,8 +244,8 @@ def review(folder: Path, *, bind_all: bool = False, console: Console | None = No
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for name, cmd, page in commands:
-            port = cmd[cmd.index("--port") + 1]
-            servers.append(start(name, cmd, f"http://{'127.0.0.1' if bind_all else host}:{port}{page}", logs))
+            port = cmd[cmd.index("--port") + 1]  # answered on loopback in both modes: polled and printed there
+            servers.append(start(name, cmd, f"http://127.0.0.1:{port}{page}", logs))
         what = (f"experiment {target.folder} (study '{target.study_name}' in {target.storage})"
                 if target.kind == "experiment" else f"training run {target.folder}")
         console.print(f"reviewing {what}; starting {' and '.join(s.name for s in servers)} ...", soft_wrap=True)
