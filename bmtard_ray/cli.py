@@ -71,17 +71,19 @@ def train_parser() -> argparse.ArgumentParser:
                    "cluster's CPUs shared out over the workers)")
     r.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers (default: 1 when the "
                    "cluster has GPUs and --device is not cpu)")
+    r.add_argument("--placement", help="where the workers go: pack (fill a node first, the default) or spread "
+                   "(one per node where possible); strict_pack / strict_spread insist")
     r.add_argument("--address", help="Ray cluster to join, host:port (default: RAY_ADDRESS, else start a local Ray)")
     r.add_argument("--storage-path", help="parent of the run folder: a path (shared between nodes) or a URI such "
                    "as s3://bucket/runs (default: --output-dir)")
     r.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
     r.add_argument("--keep-checkpoints", type=int, help="newest checkpoints to keep (default 2)")
     r.add_argument("--ray-config", metavar="FILE", help="YAML with any of: num_workers, cpus_per_worker, "
-                   "gpus_per_worker, address, storage_path, max_failures, keep_checkpoints (flags win)")
+                   "gpus_per_worker, placement, address, storage_path, max_failures, keep_checkpoints (flags win)")
     return p
 
 
-RAY_FLAGS = ("workers", "cpus_per_worker", "gpus_per_worker", "address", "storage_path", "max_failures",
+RAY_FLAGS = ("workers", "cpus_per_worker", "gpus_per_worker", "placement", "address", "storage_path", "max_failures",
              "keep_checkpoints", "ray_config")
 
 

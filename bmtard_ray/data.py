@@ -140,6 +140,11 @@ def _read_cifar(files: list[Path], label_key: str, num_classes: int, name: str, 
     return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.concatenate(labels)))
 
 
+def dataset_folder(name: str, root: Path) -> Path:
+    """Where ``name``'s files live under ``root`` (the standard archive folder)."""
+    return Path(root) / _FOLDERS[name]
+
+
 def _need_folder(name: str, root: Path) -> Path:
     folder = root / _FOLDERS[name]
     if not root.is_dir():
@@ -414,18 +419,40 @@ class _ReferenceDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+class _ShardedLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a DistributedSampler whose epoch the training loop sets (``set_epoch``), as it does
+    for :class:`BatchLoader`, so that every epoch reshuffles and all ranks shuffle alike."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+
+
 def make_reference_loader(split: Split, batch_size: int, *, shuffle: bool, augment: bool, num_workers: int,
-                          seed: int = 0, drop_last: bool | None = None) -> torch.utils.data.DataLoader:
+                          seed: int = 0, drop_last: bool | None = None, rank: int = 0,
+                          world_size: int = 1) -> torch.utils.data.DataLoader:
     """The released code's pipeline: PIL + torchvision transforms in DataLoader worker processes, CPU
     float batches in [0, 1]. ``drop_last`` defaults to ``shuffle`` (training drops the ragged batch like
-    the device loader does; evaluation keeps every example)."""
+    the device loader does; evaluation keeps every example).
+
+    With ``world_size`` > 1 each rank reads only its shard (torch's DistributedSampler: every rank draws the
+    same per-epoch permutation from ``seed`` and takes every world_size-th example), so W ranks together
+    see the epoch once, not W times; ``batch_size`` is then the rank's share of the global batch."""
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-    g = torch.Generator().manual_seed(seed)  # drives the shuffle and the workers' base seed
-    return torch.utils.data.DataLoader(_ReferenceDataset(split, augment), batch_size=batch_size, shuffle=shuffle,
-                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       drop_last=shuffle if drop_last is None else drop_last, generator=g,
-                                       persistent_workers=num_workers > 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
+    drop = shuffle if drop_last is None else drop_last
+    dataset = _ReferenceDataset(split, augment)
+    # Drives the shuffle (one rank) and the DataLoader workers' base seed; per rank, so that the ranks'
+    # augmentations differ.
+    g = torch.Generator().manual_seed(seed + rank)
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  drop_last=drop, generator=g, persistent_workers=num_workers > 0)
+    if world_size == 1:
+        return torch.utils.data.DataLoader(dataset, shuffle=shuffle, **common)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                                  seed=seed, drop_last=drop)
+    return _ShardedLoader(dataset, sampler=sampler, **common)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class Trainer:
         if d.loader == "reference":
             # The released code's way: CPU DataLoader with worker processes, host-to-device copy per step.
             return make_reference_loader(self.data.train, self.local_batch, shuffle=True, augment=d.augment,
-                                         num_workers=d.num_workers, seed=self.cfg.seed + self.dist.rank)
+                                         num_workers=d.num_workers, seed=self.cfg.seed, rank=self.dist.rank,
+                                         world_size=self.dist.world_size)
         return BatchLoader(self.data.train, self.local_batch, shuffle=True, augment=d.augment, device=self.device,
                            seed=self.cfg.seed, drop_last=True, rank=self.dist.rank, world_size=self.dist.world_size,
                            channels_last=self.fast)

@@ -507,6 +507,24 @@ def test_reference_loader_plain_and_augmented() -> None:
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
 
 
+def test_reference_loader_shards_the_epoch_over_ranks() -> None:
+    """W ranks together see each example of an epoch once (W x the data before the fix), reshuffled per epoch."""
+    split = coded_split(40, num_classes=40)  # label i = example i
+    loaders = [make_reference_loader(split, 4, shuffle=True, augment=False, num_workers=0, seed=7, rank=r, world_size=2)
+               for r in range(2)]
+    assert [len(loader) for loader in loaders] == [5, 5]  # 20 examples per rank in batches of 4, not 40
+    epochs = []
+    for epoch in (1, 2):
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        seen = [torch.cat([y for _, y in loader]) for loader in loaders]
+        assert sorted(torch.cat(seen).tolist()) == list(range(40))  # disjoint shards covering the epoch
+        epochs.append(seen[0])
+    assert not torch.equal(epochs[0], epochs[1])
+    with pytest.raises(ConfigError, match="rank must be in"):
+        make_reference_loader(split, 4, shuffle=True, augment=False, num_workers=0, rank=2, world_size=2)
+
+
 def test_reference_loader_with_a_worker_process() -> None:
     split = coded_split(16, size=32)
     loader = make_reference_loader(split, 8, shuffle=True, augment=True, num_workers=1, seed=0)

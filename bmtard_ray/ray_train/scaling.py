@@ -11,12 +11,26 @@ from bmtard_ray.config import RunConfig, read_yaml
 from bmtard_ray.errors import ConfigError
 
 
+# --placement / ``placement:`` values and the Ray placement strategies they stand for.
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
+
+
+def placement_strategy(value: str) -> str:
+    """Ray's strategy for a ``--placement`` value (case and dashes do not matter: spread, SPREAD, strict-spread)."""
+    key = str(value).strip().lower().replace("-", "_")
+    if key not in PLACEMENTS:
+        raise ConfigError(f"unknown placement '{value}'; choose one of: {', '.join(PLACEMENTS)}")
+    return PLACEMENTS[key]
+
+
 @dataclass
 class ScalingOptions:
     """How many workers and what each gets. ``None`` means decided against the cluster:
     ``cpus_per_worker`` = the cluster's CPUs shared out over the workers (at least 1; it is also the worker's
     torch thread count), ``gpus_per_worker`` = 1 if the cluster has GPUs and the config's device is not
-    ``cpu``, else 0 (CPU workers, gloo)."""
+    ``cpu``, else 0 (CPU workers, gloo). ``placement_strategy`` is Ray's placement-group strategy for the
+    workers: PACK fills a node before the next (fast collectives), SPREAD puts them on distinct nodes where
+    it can; the STRICT_ forms fail to schedule rather than fall back."""
     num_workers: int = 1
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
@@ -29,9 +43,8 @@ class ScalingOptions:
             raise ConfigError(f"cpus per worker must be > 0, got {self.cpus_per_worker}")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"gpus per worker must be >= 0 (0 = CPU workers), got {self.gpus_per_worker}")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(f"unknown placement strategy '{self.placement_strategy}'; choose one of: PACK, SPREAD, "
-                              "STRICT_PACK, STRICT_SPREAD")
+        if self.placement_strategy not in PLACEMENTS.values():
+            raise ConfigError(f"unknown placement '{self.placement_strategy}'; choose one of: {', '.join(PLACEMENTS)}")
         return self
 
     def resolved(self, cfg: RunConfig, nodes: Sequence[dict[str, Any]] = ()) -> ScalingOptions:
@@ -67,7 +80,7 @@ def scaling_from_args(args: Any) -> ScalingOptions:
     values: dict[str, Any] = {}
     if getattr(args, "ray_config", None):
         data = read_yaml(args.ray_config)
-        names = {f.name for f in fields(ScalingOptions)} | {"address", "storage_path", "max_failures",
+        names = {f.name for f in fields(ScalingOptions)} | {"placement", "address", "storage_path", "max_failures",
                                                             "keep_checkpoints"}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -75,11 +88,14 @@ def scaling_from_args(args: Any) -> ScalingOptions:
                               f"{', '.join(sorted(names))}")
         values.update(data)
     for flag, key in (("workers", "num_workers"), ("cpus_per_worker", "cpus_per_worker"),
-                      ("gpus_per_worker", "gpus_per_worker"), ("address", "address"),
+                      ("gpus_per_worker", "gpus_per_worker"), ("placement", "placement"), ("address", "address"),
                       ("storage_path", "storage_path"), ("max_failures", "max_failures"),
                       ("keep_checkpoints", "keep_checkpoints")):
         if getattr(args, flag, None) is not None:
             values[key] = getattr(args, flag)
+    for key in ("placement", "placement_strategy"):
+        if key in values:
+            values["placement_strategy"] = placement_strategy(values.pop(key))
     args.address = values.pop("address", None)
     args.storage_path = values.pop("storage_path", None)
     args.max_failures = values.pop("max_failures", 2)

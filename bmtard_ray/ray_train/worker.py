@@ -16,6 +16,7 @@ from bmtard_ray.config import from_dict
 from bmtard_ray.dist import DistContext
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.loop import Trainer
+from bmtard_ray.ray_train.node_check import check_node_inputs
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     (tests: see :func:`run_worker_hook`). Returns the run's summary when ``finish`` (Ray hands rank 0's to the driver), else None."""
     _quiet_ray_train_worker()
     cfg = from_dict(config["cfg"])
+    check_node_inputs(cfg)  # this node's copy of the data and teachers, before any collective or step
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
