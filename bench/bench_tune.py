@@ -73,10 +73,13 @@ def local_run_seconds(common: list[str], epochs: int) -> float:
     torch.set_num_threads(1)  # a trial's worker gets one CPU
     args = tune_parser().parse_args(["--space", "smoke", *common, "--epochs", str(epochs)])
     cfg = base_config(args, load_space("smoke"))
-    from bmtard_ray.tuning.session import prepare_teachers
     from rich.console import Console
 
-    cfg = prepare_teachers(cfg, load_space("smoke"), Console(quiet=True))
+    from bmtard_ray.runner import run_local
+    from bmtard_ray.teachers import ensure_teachers
+
+    # In this process (the search itself trains missing teachers as Ray tasks; this timing has no Ray).
+    cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=Console(quiet=True)), log=lambda s: None)
     start = time.perf_counter()
     Trainer(cfg).fit()
     return time.perf_counter() - start

@@ -1,7 +1,9 @@
 """Starting and resuming an experiment: data and teachers first, then Ray, then the Tuner.
 
-Teachers are trained (or found in the cache) once, here, before any trial exists; their checkpoint paths
-are written into the trials' base config, so every trial loads the same files and none trains a teacher.
+Teachers are trained (or found in the cache) once, before any trial exists, each as a Ray task on a node
+with one trial worker's resources (not in this driver, which under ``ray job submit`` runs on the head);
+their checkpoint paths are written into the trials' base config, so every trial loads the same files and
+none trains a teacher.
 """
 from __future__ import annotations
 
@@ -23,18 +25,22 @@ from bmtard_ray.teachers import check_given_teachers, ensure_teachers
 from bmtard_ray.ray_train import cluster
 from bmtard_ray.tuning import experiment
 from bmtard_ray.tuning.settings import CLUSTER_FILE, TuneSettings, max_concurrent_trials, resolve_gpus
+from bmtard_ray.tuning.teacher_task import train_teacher_on_cluster
 
 
-def prepare_teachers(cfg: RunConfig, space: SearchSpace, console: Console) -> RunConfig:
-    """Resolve every teacher any trial may need (training missing ones in this process, once)."""
-    from bmtard_ray.runner import run_local
+def prepare_teachers(cfg: RunConfig, space: SearchSpace, settings: TuneSettings, console: Console) -> RunConfig:
+    """Resolve every teacher any trial may need, training missing ones once, as Ray tasks (Ray is connected)."""
+    def log(s: str) -> None:
+        console.print(f"[bold]{s}[/bold]")
+
+    def train(tcfg: RunConfig) -> None:
+        train_teacher_on_cluster(tcfg, cpus=settings.cpus_per_worker, gpus=settings.gpus_per_worker or 0.0, log=log)
 
     for method in trial_methods(space, cfg):
         if not teacher_roles(method):
             continue
         variant = replace(cfg, **{"method.name": method})
-        resolved = ensure_teachers(variant, lambda t: run_local(t, overwrite=True, console=console),
-                                   log=lambda s: console.print(f"[bold]{s}[/bold]"))
+        resolved = ensure_teachers(variant, train, log=log)
         for role in teacher_roles(method):
             getattr(cfg.teachers, role).checkpoint = getattr(resolved.teachers, role).checkpoint
     return cfg
@@ -57,13 +63,12 @@ def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argp
     exp = Path(settings.experiment_dir)
     if args.overwrite and exp.exists():
         shutil.rmtree(exp)
-    # Teachers train in this process before Ray starts, so they do not compete with Ray's own processes.
-    cfg = prepare_teachers(cfg, space, console)
-    settings.base_config = to_dict(cfg)
     args.started_ray = cluster.init_ray(args.address, args.num_cpus)
     resources = cluster.cluster_resources()
     resolve_gpus(settings, resources, cfg.device)
     n_concurrent = max_concurrent_trials(resources, settings)
+    cfg = prepare_teachers(cfg, space, settings, console)  # Ray tasks, one trial worker's resources each
+    settings.base_config = to_dict(cfg)
     experiment.write_settings(settings, Path(space.source))
     record_dashboard(exp)
     console.print(f"experiment folder: {exp}")

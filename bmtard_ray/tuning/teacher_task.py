@@ -1,0 +1,45 @@
+"""Training a missing teacher as Ray work, on a node of the cluster that has the resources for it.
+
+Under ``ray job submit`` the search's driver runs on the head node, which may have no GPU (or few CPUs);
+training a WRN-34-10 teacher there, in the driver process, would be slow or impossible. So each missing
+teacher is one Ray task that reserves what one trial worker reserves (``--cpus-per-worker`` and
+``--gpus-per-worker``) and runs the in-process trainer wherever Ray finds those resources. The task writes
+into the teacher cache, which must therefore be a path every node shares (the README's "Multi-node").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from bmtard_ray.config import RunConfig, from_dict, to_dict
+from bmtard_ray.errors import CheckpointError
+from bmtard_ray.ray_train.node_check import SHARE_HINT, check_node_inputs, node_label
+from bmtard_ray.runner import run_local
+from bmtard_ray.storage import absolute_paths
+
+
+def _train_teacher(cfg_dict: dict[str, Any]) -> str:
+    """The task body: check this node's inputs, train the teacher in this process, return where it ran."""
+    cfg = from_dict(cfg_dict)
+    check_node_inputs(cfg)
+    run_local(cfg, overwrite=True, console=Console(quiet=True))
+    return node_label()
+
+
+def train_teacher_on_cluster(tcfg: RunConfig, *, cpus: float, gpus: float, log: Any = print) -> str:
+    """Train one teacher as a Ray task (``cpus`` / ``gpus`` reserved) and wait for it; returns the node's label.
+
+    The caller checks the cache file afterwards (it is read through the driver's view of the cache path)."""
+    cfg = absolute_paths(tcfg)
+    task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
+                                              name=f"train_teacher:{cfg.name}")
+    where = ray.get(task.remote(to_dict(cfg)))
+    model = Path(cfg.output_dir) / cfg.name / "model.pt"
+    if not model.is_file():  # trained on a node whose cache this driver does not see
+        raise CheckpointError(f"the teacher trained on {where} wrote {model}, which this driver cannot read: "
+                              f"{SHARE_HINT}")
+    log(f"  trained on {where}")
+    return where
