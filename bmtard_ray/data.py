@@ -141,8 +141,7 @@ def _read_cifar(files: list[Path], label_key: str, num_classes: int, name: str, 
 
 
 def dataset_folder(name: str, root: Path) -> Path:
-    """Where ``name``'s files live under ``root`` (the standard archive folder)."""
-    return Path(root) / _FOLDERS[name]
+    return Path(root) / _FOLDERS[name]  # the standard archive folder of ``name`` under ``root``
 
 
 def _need_folder(name: str, root: Path) -> Path:
@@ -420,9 +419,7 @@ class _ReferenceDataset(torch.utils.data.Dataset):
 
 
 class _ShardedLoader(torch.utils.data.DataLoader):
-    """A DataLoader over a DistributedSampler whose epoch the training loop sets (``set_epoch``), as it does
-    for :class:`BatchLoader`, so that every epoch reshuffles and all ranks shuffle alike."""
-
+    """Over a DistributedSampler; the loop sets its epoch (as for BatchLoader): all ranks reshuffle alike."""
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
@@ -432,20 +429,15 @@ def make_reference_loader(split: Split, batch_size: int, *, shuffle: bool, augme
                           world_size: int = 1) -> torch.utils.data.DataLoader:
     """The released code's pipeline: PIL + torchvision transforms in DataLoader worker processes, CPU
     float batches in [0, 1]. ``drop_last`` defaults to ``shuffle`` (training drops the ragged batch like
-    the device loader does; evaluation keeps every example).
-
-    With ``world_size`` > 1 each rank reads only its shard (torch's DistributedSampler: every rank draws the
+    the device loader does; evaluation keeps every example). With ``world_size`` > 1 each rank reads only its shard (torch's DistributedSampler: every rank draws the
     same per-epoch permutation from ``seed`` and takes every world_size-th example), so W ranks together
     see the epoch once, not W times; ``batch_size`` is then the rank's share of the global batch."""
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
-    drop = shuffle if drop_last is None else drop_last
-    dataset = _ReferenceDataset(split, augment)
-    # Drives the shuffle (one rank) and the DataLoader workers' base seed; per rank, so that the ranks'
-    # augmentations differ.
-    g = torch.Generator().manual_seed(seed + rank)
+    drop, dataset = shuffle if drop_last is None else drop_last, _ReferenceDataset(split, augment)
+    g = torch.Generator().manual_seed(seed + rank)  # the shuffle (W = 1) and the workers' seeds: ranks differ
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                   drop_last=drop, generator=g, persistent_workers=num_workers > 0)
     if world_size == 1:

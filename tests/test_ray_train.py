@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from bmtard_ray.config import RunConfig, build_config, from_dict, to_dict
-from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.errors import CheckpointError, ConfigError, DataError
 from bmtard_ray.loop import TRACE_COLUMNS
 from bmtard_ray.runner import run_local
 from bmtard_ray.teachers import ensure_teachers
@@ -84,6 +84,41 @@ def test_scaling_resolves_cpus_and_gpus_against_the_cluster() -> None:
     assert (ray_cfg.num_workers, ray_cfg.use_gpu, ray_cfg.resources_per_worker) == (3, True, {"CPU": 2, "GPU": 0.5})
 
 
+def test_placement_flag_and_ray_config_map_to_rays_placement_strategy(tmp_path: Path) -> None:
+    from bmtard_ray.cli import train_parser
+    from bmtard_ray.ray_train import scaling_from_args
+
+    def strategy(*argv: str) -> str:
+        scaling = scaling_from_args(train_parser().parse_args(list(argv)))
+        return scaling.to_ray().placement_strategy
+
+    assert strategy() == "PACK"
+    assert strategy("--placement", "spread") == "SPREAD" and strategy("--placement", "strict-pack") == "STRICT_PACK"
+    yaml = tmp_path / "ray.yaml"
+    yaml.write_text("num_workers: 2\nplacement: strict_spread\n")
+    assert strategy("--ray-config", str(yaml)) == "STRICT_SPREAD"
+    assert strategy("--ray-config", str(yaml), "--placement", "pack") == "PACK"  # the flag wins
+    with pytest.raises(ConfigError, match="unknown placement 'wide'; choose one of: pack, spread, strict_pack, "
+                                          "strict_spread"):
+        strategy("--placement", "wide")
+
+
+def test_a_node_missing_the_data_or_a_teacher_file_is_named_with_the_path(tmp_path: Path, cifar_root: Path) -> None:
+    from bmtard_ray.ray_train.node_check import check_node_inputs, missing_inputs
+
+    cfg = smoke(tmp_path, cifar_root, tmp_path / "t")
+    cfg.teachers.clean.checkpoint, cfg.teachers.robust.checkpoint = str(tmp_path / "c.pt"), "pyautoattack"
+    (tmp_path / "c.pt").write_bytes(b"x")
+    assert missing_inputs(cfg) == []
+    cfg.teachers.clean.checkpoint = str(tmp_path / "gone.pt")
+    with pytest.raises(CheckpointError, match=f"^node n1 cannot read the clean teacher file {tmp_path / 'gone.pt'}: "
+                                              "every node needs the same path"):
+        check_node_inputs(cfg, label="node n1")
+    cfg.data.root = str(tmp_path / "nodata")
+    with pytest.raises(DataError, match=f"^node n1 cannot read the data folder {tmp_path / 'nodata' / 'cifar-10-batches-py'}"):
+        check_node_inputs(cfg, label="node n1")
+
+
 def test_resource_check_counts_whole_workers_per_node() -> None:
     from bmtard_ray.ray_train import ScalingOptions, check_resources
 
@@ -137,7 +172,6 @@ def test_epoch_view_prints_a_line_per_epoch_with_eta_and_marks_a_restart() -> No
 def test_a_user_error_raised_in_a_worker_is_found_through_rays_wrapper() -> None:
     from ray.train import WorkerGroupError
 
-    from bmtard_ray.errors import DataError
     from bmtard_ray.ray_train import user_error
 
     err = WorkerGroupError("rank 1 failed", {0: RuntimeError("gloo: peer closed"), 1: DataError("no data at /x")})
