@@ -114,9 +114,14 @@ def step_flops(trainer: Trainer, x: torch.Tensor) -> float:
     autograd.grad on a leaf, so the step is composed from counted forwards.)
     """
     t = trainer.teachers
-    f_s = forward_flops(trainer.student, x)
-    steps = trainer.cfg.attack.steps
-    return steps * 2 * f_s + 2 * 3 * f_s + forward_flops(t.robust, x) + forward_flops(t.clean, x)
+    return composed_step_flops(trainer.student, t.robust, t.clean, trainer.cfg.attack.steps, x)
+
+
+def composed_step_flops(student: torch.nn.Module, robust: torch.nn.Module, clean: torch.nn.Module, attack_steps: int,
+                        x: torch.Tensor) -> float:
+    """:func:`step_flops` from the three networks (also used by bench_scaling.py, which builds no trainer)."""
+    f_s = forward_flops(student, x)
+    return attack_steps * 2 * f_s + 2 * 3 * f_s + forward_flops(robust, x) + forward_flops(clean, x)
 
 
 def mode_config(name: str, mode: str, args: argparse.Namespace) -> RunConfig:

@@ -9,7 +9,8 @@ callable that hands rank 0's checkpoint dict to ``ray.train.report``.
 
 Public API (the Tune layer builds the same trainer inside a Tune function trainable)::
 
-    ScalingOptions(num_workers=1, cpus_per_worker=1.0, gpus_per_worker=None)  # None: GPUs if the cluster has them
+    ScalingOptions(num_workers=1, cpus_per_worker=1.0, gpus_per_worker=None,  # None: GPUs if the cluster has them
+                   placement_strategy="PACK")                                # or SPREAD (--placement spread)
     run_ray(cfg, scaling, *, address=None, storage_path=None, resume=None, overwrite=False, failure_max=2,
             keep_checkpoints=2, console=None) -> summary dict          # the whole run, driver side
     make_torch_trainer(cfg, scaling, *, run_config=None, storage_path=None, failure_max=2, keep_checkpoints=2,

@@ -131,7 +131,8 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
                                  worker_hook=worker_hook)
     gpus = f", {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
     console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset}, "
-                  f"{scaling.num_workers} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}), global batch "
+                  f"{scaling.num_workers} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
+                  f"{scaling.placement_strategy.lower()}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
     # TensorBoard events in the run folder, written here on the driver from rank 0's reports (a storage
     # URI gets none: tensorboardX writes local files).
