@@ -15,7 +15,7 @@ import ray
 from rich.console import Console
 
 from bmtard_ray.config import RunConfig, from_dict, to_dict
-from bmtard_ray.errors import CheckpointError
+from bmtard_ray.errors import BmtardError, CheckpointError
 from bmtard_ray.ray_train.node_check import SHARE_HINT, check_node_inputs, node_label
 from bmtard_ray.runner import run_local
 from bmtard_ray.storage import absolute_paths
@@ -36,7 +36,14 @@ def train_teacher_on_cluster(tcfg: RunConfig, *, cpus: float, gpus: float, log: 
     cfg = absolute_paths(tcfg)
     task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                               name=f"train_teacher:{cfg.name}")
-    where = ray.get(task.remote(to_dict(cfg)))
+    try:
+        where = ray.get(task.remote(to_dict(cfg)))
+    except ray.exceptions.RayTaskError as exc:
+        # A user error on that node (say, its data folder is missing) stays one line: Ray's wrapper would
+        # print the task's whole traceback.
+        if isinstance(exc.cause, BmtardError):
+            raise type(exc.cause)(str(exc.cause)) from None
+        raise
     model = Path(cfg.output_dir) / cfg.name / "model.pt"
     if not model.is_file():  # trained on a node whose cache this driver does not see
         raise CheckpointError(f"the teacher trained on {where} wrote {model}, which this driver cannot read: "
