@@ -8,6 +8,7 @@ into the teacher cache, which must therefore be a path every node shares (the RE
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ def _train_teacher(cfg_dict: dict[str, Any]) -> str:
     return node_label()
 
 
-def train_teacher_on_cluster(tcfg: RunConfig, *, cpus: float, gpus: float, log: Any = print) -> str:
+def train_teacher_on_cluster(tcfg: RunConfig, *, cpus: float, gpus: float,
+                             log: Callable[[str], None] = print) -> str:
     """Train one teacher as a Ray task (``cpus`` / ``gpus`` reserved) and wait for it; returns the node's label.
 
-    The caller checks the cache file afterwards (it is read through the driver's view of the cache path)."""
+    The model file must then be readable here too (the trials on every node load it): a cache the task's
+    node wrote but this driver cannot see is refused with one line."""
     cfg = absolute_paths(tcfg)
     task = ray.remote(_train_teacher).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                               name=f"train_teacher:{cfg.name}")
