@@ -38,9 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import CONFIGS, composed_step_flops  # noqa: E402  (bench/ is the script's folder)
-from bmtard_ray.config import build_config  # noqa: E402
-from bmtard_ray.models import build_model  # noqa: E402
+from bench_step import CONFIGS, composed_step_flops
+
+from bmtard_ray.config import build_config
+from bmtard_ray.models import build_model
 
 GPUS = (1, 2, 4, 8, 16, 32, 64)
 NODE_GPUS = 8  # GPUs that share one NVLink domain (an 8-GPU HGX node)
@@ -139,17 +140,25 @@ def measured_rows(data_root: str, out: Path) -> list[str]:
     import pyarrow.parquet as pq
     from rich.console import Console
 
-    from bmtard_ray.ray_train import ScalingOptions, run_ray, start_local_ray, stop_local_ray
+    from bmtard_ray.ray_train import (
+        ScalingOptions,
+        run_ray,
+        start_local_ray,
+        stop_local_ray,
+    )
     from bmtard_ray.runner import run_local
     from bmtard_ray.teachers import ensure_teachers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from multinode import local_cluster, train_worker_nodes  # the tests' 2-node cluster on this machine
+    from multinode import (  # the tests' 2-node cluster on this machine
+        local_cluster,
+        train_worker_nodes,
+    )
 
     quiet = Console(quiet=True)
     teachers = out / "teachers"
 
-    def cfg(name: str):  # noqa: ANN202
+    def cfg(name: str):
         return build_config("smoke", overrides=[f"data.root={Path(data_root).resolve()}", f"output_dir={out / 'runs'}",
                                                 f"teachers.cache_dir={teachers}", f"name={name}", "optim.epochs=2"])
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from conftest import free_port
 
+
 def node_ports() -> dict[str, int]:
     """Free ports for every listener of one node (the defaults clash with other Rays on this machine)."""
     return {"node_manager_port": free_port(), "object_manager_port": free_port(),

@@ -16,13 +16,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from multinode import local_cluster, node_without, train_worker_nodes
 from rich.console import Console
+from test_ray_train import TRAJ_TAU_TOL, TRAJ_W_TOL, column, smoke
 
 from bmtard_ray.errors import DataError
 from bmtard_ray.runner import run_local
 from bmtard_ray.teachers import ensure_teachers
-from multinode import local_cluster, node_without, train_worker_nodes
-from test_ray_train import TRAJ_TAU_TOL, TRAJ_W_TOL, column, smoke
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
