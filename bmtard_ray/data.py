@@ -429,9 +429,10 @@ def make_reference_loader(split: Split, batch_size: int, *, shuffle: bool, augme
                           world_size: int = 1) -> torch.utils.data.DataLoader:
     """The released code's pipeline: PIL + torchvision transforms in DataLoader worker processes, CPU
     float batches in [0, 1]. ``drop_last`` defaults to ``shuffle`` (training drops the ragged batch like
-    the device loader does; evaluation keeps every example). With ``world_size`` > 1 each rank reads only its shard (torch's DistributedSampler: every rank draws the
-    same per-epoch permutation from ``seed`` and takes every world_size-th example), so W ranks together
-    see the epoch once, not W times; ``batch_size`` is then the rank's share of the global batch."""
+    the device loader does; evaluation keeps every example). With ``world_size`` > 1 each rank reads only
+    its shard (torch's DistributedSampler: every rank draws the same per-epoch permutation from ``seed``
+    and takes every world_size-th example), so W ranks together see the epoch once, not W times;
+    ``batch_size`` is then the rank's share of the global batch."""
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     if world_size < 1 or not 0 <= rank < world_size:
