@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def local_cluster(*nodes: dict[str, Any]) -> Iterator[Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the nodes' sessions and logs
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
