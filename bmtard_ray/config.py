@@ -19,6 +19,7 @@ from bmtard_ray.errors import ConfigError
 from bmtard_ray.names import (ATTACK_NAMES, DATASET_NAMES, DEVICES, METHOD_NAMES, MODEL_NAMES,
                               TEACHER_TRAIN_METHODS)
 
+CONFIG_FORMAT = "bmtard_ray.config/1"  # written at the top of every run's config.yaml
 REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
 ENTROPY_TARGET_MODES = ("absolute", "fraction")
 EBB_MODES = ("step", "solve")
@@ -254,6 +255,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    # A run's config.yaml carries its format; any version-1 file reads as overrides (others refuse).
+    found = data.pop("format", CONFIG_FORMAT)
+    if found != CONFIG_FORMAT:
+        raise ConfigError(f"{path}: config format {found!r} is not one this version reads ({CONFIG_FORMAT})")
     return data
 
 

@@ -149,8 +149,14 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError("not a bmtard_ray training checkpoint (missing format tag)")
-        self.student.load_state_dict(state["student"])
+            raise CheckpointError(f"not a bmtard_ray training checkpoint of format {CHECKPOINT_FORMAT} "
+                                  f"(found {state.get('format')!r})")
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError:  # another architecture (or class count) than the one the run trains
+            saved = (state.get("config") or {}).get("student", "another architecture")
+            raise CheckpointError(f"the checkpoint holds a {saved} student, not the {self.cfg.student} this run "
+                                  "trains") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.task.load_state_dict(state["task"])
         self.state = TrainState(epoch=int(state["epoch"]), history=list(state["history"]), trace=list(state["trace"]))

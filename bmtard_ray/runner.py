@@ -11,14 +11,15 @@ from typing import Any
 from rich.console import Console
 
 from bmtard_ray import io
-from bmtard_ray.config import RunConfig
+from bmtard_ray.config import RunConfig, teacher_cache_dir
 from bmtard_ray.data import prepare_data
 from bmtard_ray.events import EpochEvents
 from bmtard_ray.loop import Trainer
+from bmtard_ray.preflight import check_batches, probe_all
 from bmtard_ray.storage import (CHECKPOINT_FILE, check_run_folder, find_checkpoint, load_resume_state,
                                 run_dir_of_checkpoint, write_config)
 from bmtard_ray.summary import epoch_logger, print_summary
-from bmtard_ray.teachers import check_given_teachers, ensure_teachers
+from bmtard_ray.teachers import check_given_teachers, ensure_teachers, roles_to_train
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -33,9 +34,13 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     if resume is not None:
         state, _ = load_resume_state(resume)
     run_dir = run_dir_of_checkpoint(find_checkpoint(resume)) if resume is not None else run_dir_of(cfg)
-    check_run_folder(str(run_dir), resume=resume is not None, overwrite=overwrite)
+    to_train = roles_to_train(cfg)
+    # Every folder this run writes, probed before anything is removed, trained or written.
+    probe_all([(run_dir, "run folder")] + ([(teacher_cache_dir(cfg), "teacher cache")] if to_train else []))
     data = prepare_data(cfg)  # fails on a bad data folder before anything is written
+    check_batches(cfg, data, to_train)  # ... on a split too small for one batch of the student or a teacher
     check_given_teachers(cfg, data.info)  # ... and on a teacher checkpoint that does not fit
+    check_run_folder(str(run_dir), resume=resume is not None, overwrite=overwrite)
     cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=console),
                           log=lambda s: console.print(f"[bold]{s}[/bold]"))
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from bmtard_ray import io
-from bmtard_ray.config import RunConfig, from_dict, to_dict
+from bmtard_ray.config import CONFIG_FORMAT, RunConfig, from_dict, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"          # one full training state (ours, local or inside a Ray checkpoint)
@@ -87,7 +87,7 @@ def write_text(run_dir: str, name: str, text: str) -> None:
 
 
 def write_config(cfg: RunConfig, run_dir: str | Path) -> None:
-    write_text(str(run_dir), "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(str(run_dir), "config.yaml", yaml.safe_dump({"format": CONFIG_FORMAT, **to_dict(cfg)}, sort_keys=False))
 
 
 def upload_dir(local: Path, run_dir: str) -> None:
@@ -140,8 +140,30 @@ def run_dir_of_checkpoint(checkpoint: Path) -> Path:
     return parent.parent if parent.name.startswith("checkpoint_epoch") else parent
 
 
-def load_resume_state(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
-    state = io.safe_load(find_checkpoint(path))
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+def check_checkpoint_format(state: Any, path: str | Path) -> None:
+    """One line for a file that is not one of our training checkpoints, or one of another format version."""
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.startswith("bmtard_ray.checkpoint/") and found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a training checkpoint of format {found}; this version reads "
+                              f"{CHECKPOINT_FORMAT} and cannot continue it")
+    if found != CHECKPOINT_FORMAT or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path} is not a bmtard_ray training checkpoint")
+
+
+def load_resume_state(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
+    file = find_checkpoint(path)
+    state = io.safe_load(file)
+    check_checkpoint_format(state, file)
     return state, from_dict(state["config"])
+
+
+def resumable(run_dir: str | Path) -> bool:
+    """Whether an interrupted run left a checkpoint in ``run_dir`` that ``--resume`` can continue."""
+    run_dir = str(run_dir)
+    if is_uri(run_dir):
+        return latest_ray_checkpoint(run_dir) is not None
+    try:
+        find_checkpoint(run_dir)
+        return True
+    except CheckpointError:
+        return False

@@ -4,25 +4,35 @@ Loading: a teacher is any model file the loader of :mod:`bmtard_ray.models.check
 state dict, or the pyautoattack ResNet-18), frozen on the device. Training: a teacher with no checkpoint is trained once (natural training for the clean teacher, SAT or TRADES for
 the robust one) on the training split (never the validation or test split) and cached under a folder
 named by a hash of everything that determines it, so every later run, trial or worker reuses it.
+
+A cache entry appears whole or not at all: a teacher is trained in ``<cache>/.incomplete/<name>`` (where an
+interrupted Ray teacher run resumes from its checkpoint) and renamed into place once its ``model.pt`` and
+``teacher.json`` (the entry's format version) are written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bmtard_ray import io
 from bmtard_ray.config import RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
 from bmtard_ray.data import DatasetInfo
-from bmtard_ray.errors import ConfigError
+from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, load_model
 from bmtard_ray.names import teacher_roles
 
 # Runs a training config to completion; must leave <output_dir>/<name>/model.pt behind.
 RunFn = Callable[[RunConfig], object]
+BUILDING = ".incomplete"                      # where teachers train before their entry is renamed into place
+ENTRY_FILE = "teacher.json"                   # written last into a complete entry
+ENTRY_FORMAT = "bmtard_ray.teacher_cache/1"
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -80,6 +90,46 @@ def cached_path(cfg: RunConfig, role: str) -> Path:
     return Path(t.output_dir) / t.name / "model.pt"
 
 
+def roles_to_train(cfg: RunConfig) -> list[str]:
+    """The teachers ``cfg`` needs that have neither a checkpoint nor a cache entry (they will be trained)."""
+    return [role for role in teacher_roles(cfg.method.name)
+            if not getattr(cfg.teachers, role).checkpoint and not cached_path(cfg, role).is_file()]
+
+
+def check_entry(entry: Path) -> None:
+    """A cache entry written under another format refuses with one line; one from before entries carried
+    a format (a ``model.pt`` alone: it was written last, so the entry is whole) is used as is."""
+    meta = entry / ENTRY_FILE
+    if not meta.is_file():
+        return
+    try:
+        found = json.loads(meta.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != ENTRY_FORMAT:
+        raise CheckpointError(f"teacher cache entry {entry} has format {found!r}, this version reads {ENTRY_FORMAT}: "
+                              "remove the folder to train that teacher again")
+
+
+def build_entry(tcfg: RunConfig, run: RunFn, role: str) -> Path:
+    """Train a teacher in the cache's building area and rename it into place when complete."""
+    final = Path(tcfg.output_dir) / tcfg.name
+    building = from_dict(to_dict(tcfg))
+    building.output_dir = str(Path(tcfg.output_dir) / BUILDING)
+    built = Path(building.output_dir) / building.name
+    run(building)
+    if not (built / "model.pt").is_file():
+        raise RuntimeError(f"training the {role} teacher did not produce {built / 'model.pt'}")
+    io.atomic_text(json.dumps({"format": ENTRY_FORMAT, "role": role, "name": tcfg.name}) + "\n", built / ENTRY_FILE)
+    if (final / "model.pt").is_file():  # another run finished the same teacher meanwhile: keep theirs
+        shutil.rmtree(built, ignore_errors=True)
+        return final / "model.pt"
+    if final.exists():                  # a half-made entry left by a version without this rule
+        shutil.rmtree(final)
+    os.replace(built, final)
+    return final / "model.pt"
+
+
 def ensure_teachers(cfg: RunConfig, run: RunFn, log: Callable[[str], None] = print) -> RunConfig:
     """Return ``cfg`` with every needed teacher's checkpoint set, training missing ones through ``run``."""
     out = from_dict(to_dict(cfg))
@@ -89,13 +139,11 @@ def ensure_teachers(cfg: RunConfig, run: RunFn, log: Callable[[str], None] = pri
             continue
         path = cached_path(cfg, role)
         if path.is_file():
+            check_entry(path.parent)
             log(f"{role} teacher: reusing {path}")
         else:
-            tcfg = teacher_config(cfg, role)
             log(f"{role} teacher: training {tc.arch} with {tc.train_method} for {tc.epochs} epochs -> {path}")
-            run(tcfg)
-            if not path.is_file():
-                raise RuntimeError(f"training the {role} teacher did not produce {path}")
+            build_entry(teacher_config(cfg, role), run, role)
         tc.checkpoint = str(path)
         # A trained teacher's normalisation is whatever it was trained with (none for our models).
     return out

@@ -18,12 +18,14 @@ from typing import Any, Sequence
 
 from bmtard_ray.config import EvalConfig
 from bmtard_ray.data import dataset_info, load_dataset, train_val_split
+from bmtard_ray.cli import os_error_line
 from bmtard_ray.device import select_device
 from bmtard_ray.errors import BmtardError, ConfigError
 from bmtard_ray.evaluation.core import check_attacks, evaluate
 from bmtard_ray.evaluation.report import print_table, write_reports
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, inspect_checkpoint, load_model
 from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, DATASET_NAMES, DEVICES, MODEL_NAMES
+from bmtard_ray.preflight import probe_writable
 
 
 
@@ -123,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     # The checkpoint first (cheap and the likeliest to be wrong), then the data.
     found = inspect_checkpoint(args.checkpoint)
     path, record = found.path, found.record
+    # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
+    out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
+    probe_writable(out, "report folder")  # before the evaluation, not after it
     dataset = args.dataset or (record or {}).get("dataset") or "cifar10"
     info = dataset_info(dataset)
     loaded = load_model(args.checkpoint, args.arch, info.num_classes, dataset=dataset, mean=mean, std=std,
@@ -157,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
         "source_checkpoint": str(source.path) if source is not None else None,
         "source_architecture": source.arch if source is not None else None,
     }
-    # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
-    out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
     paths = write_reports(result, out, model_info=model_info, stem=f"{stem}_{args.split}")
     print_table(result, f"{name} on {dataset} {args.split}")
     for kind, p in paths.items():
@@ -173,3 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BmtardError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no report was written", file=sys.stderr)
+        return 130

@@ -79,25 +79,18 @@ def stop_local_ray() -> None:
     _restore_env()
 
 
-def connect(address: str | None = None, **local_init: Any) -> bool:
-    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``) or start a local Ray with this
-    machine's resources. Returns True when this call started the connection (the caller shuts it down).
-    An existing connection (tests, a Tune trial) is reused as is."""
-    if ray.is_initialized():
-        return False
-    target = address or os.environ.get("RAY_ADDRESS")
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: ``--address``, else RAY_ADDRESS (as under ``ray job submit``), else None."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def join_cluster(target: str) -> None:
+    """The one way into an existing cluster, for run_train.py and run_tune.py alike: a TCP check first (a
+    dead address otherwise retries for minutes), then ``ray.init``; what goes wrong is one line."""
+    check_reachable(target)
     try:
-        if target:
-            check_reachable(target)
-            # Joining a cluster: its resources are what they are, so no counts are passed.
-            ray.init(address=target, log_to_driver=True)
-        else:
-            # Ray Train keeps its state (served as JSON at the dashboard's /api/train/v2/runs/v1; Ray 2.60 has no
-            # Train page) only with this flag, set in the driver before the trainer is built.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-            # The driver's live view is fed by a queue, not by worker output; what workers and Ray's own
-            # actors print (deprecation notes, internal warnings) stays in the session's log folder.
-            start_local_ray(**{"log_to_driver": False, **local_init})
+        # Joining a cluster: its resources are what they are, so no counts are passed.
+        ray.init(address=target, log_to_driver=True)
     except (ConnectionError, TimeoutError) as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {target}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # AuthenticationError and friends: one line, with the usual fix
@@ -106,6 +99,24 @@ def connect(address: str | None = None, **local_init: Any) -> bool:
                               "RAY_AUTH_MODE=token and make its token available (~/.ray/auth_token or "
                               "RAY_AUTH_TOKEN)") from None
         raise
+
+
+def connect(address: str | None = None, **local_init: Any) -> bool:
+    """Join ``address`` (or RAY_ADDRESS, as under ``ray job submit``) or start a local Ray with this
+    machine's resources. Returns True when this call started the connection (the caller shuts it down).
+    An existing connection (tests, a Tune trial) is reused as is."""
+    if ray.is_initialized():
+        return False
+    target = cluster_address(address)
+    if target:
+        join_cluster(target)
+        return True
+    # Ray Train keeps its state (served as JSON at the dashboard's /api/train/v2/runs/v1; Ray 2.60 has no
+    # Train page) only with this flag, set in the driver before the trainer is built.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # The driver's live view is fed by a queue, not by worker output; what workers and Ray's own
+    # actors print (deprecation notes, internal warnings) stays in the session's log folder.
+    start_local_ray(**{"log_to_driver": False, **local_init})
     return True
 
 
@@ -135,17 +146,17 @@ def check_resources(scaling: ScalingOptions, nodes: Sequence[dict[str, Any]] | N
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to a cluster (``--address``, or RAY_ADDRESS as under ``ray job submit``) or start a private one
-    (:func:`start_local_ray`: one that Ray Train's clean-up of a trial that ASHA stopped
+    """Join a cluster (:func:`join_cluster`: ``--address``, or RAY_ADDRESS as under ``ray job submit``) or
+    start a private one (:func:`start_local_ray`: one that Ray Train's clean-up of a trial that ASHA stopped
     can find; without it a stopped trial's CPUs stay reserved and the next trials wait forever). True when
     this call started Ray here (call :func:`shutdown_ray` at the end)."""
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
+    target = cluster_address(address)
+    if target:
         if num_cpus is not None:
-            raise ConfigError("--num-cpus sizes a Ray instance started here; it cannot resize the cluster at "
-                              f"{address or os.environ['RAY_ADDRESS']}")
-        ray.init(address=address or None)
+            raise ConfigError(f"--num-cpus sizes a Ray instance started here; it cannot resize the cluster at {target}")
+        join_cluster(target)
         return False
     # Ray Train's state (the trials' runs and workers, /api/train/v2/runs/v1 on the dashboard) is kept only with
     # this flag, read by each trial's Train controller: they inherit it from the instance started here.

@@ -16,7 +16,6 @@ from bmtard_ray.config import RunConfig, teacher_cache_dir, to_dict
 from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
 from bmtard_ray.events import EpochEvents
-from bmtard_ray.names import teacher_roles
 from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
 from bmtard_ray.ray_train.scaling import ScalingOptions, scaling_from_args
 from bmtard_ray.ray_train.view import EpochView, ForwardToDriver, pump
@@ -24,7 +23,8 @@ from bmtard_ray.ray_train.worker import train_loop_per_worker
 from bmtard_ray.storage import (CHECKPOINT_FILE, absolute_paths, check_run_folder, find_checkpoint, is_uri, join,
                                 latest_ray_checkpoint, write_config)
 from bmtard_ray.summary import print_summary
-from bmtard_ray.teachers import cached_path, check_given_teachers, ensure_teachers
+from bmtard_ray.preflight import check_batches, probe_all
+from bmtard_ray.teachers import check_given_teachers, ensure_teachers, roles_to_train
 
 
 def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: RayRunConfig | None = None,
@@ -103,15 +103,13 @@ def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
     n = scaling.num_workers
     if cfg.optim.batch_size % n:
         raise ConfigError(f"optim.batch_size ({cfg.optim.batch_size}) must be divisible by the number of workers ({n})")
-    per_worker = cfg.optim.batch_size // n
-    if len(data.train) // n < per_worker:
-        raise ConfigError(f"{len(data.train)} training images over {n} workers leave less than one batch of "
-                          f"{per_worker} per worker: lower --workers or optim.batch_size")
-    for role in teacher_roles(cfg.method.name):
+    to_train = roles_to_train(cfg)
+    for role in to_train:
         tc = getattr(cfg.teachers, role)
-        if not tc.checkpoint and not cached_path(cfg, role).is_file() and tc.batch_size % n:
+        if tc.batch_size % n:
             raise ConfigError(f"teachers.{role}.batch_size ({tc.batch_size}) must be divisible by the number of "
                               f"workers ({n}) to train that teacher")
+    check_batches(cfg, data, to_train, workers=n)  # every worker gets at least one batch of each
     if any(is_uri(getattr(cfg.teachers, r).checkpoint or "") for r in ("clean", "robust")) or is_uri(teacher_cache_dir(cfg)):
         raise ConfigError("teacher checkpoints and the teacher cache (teachers.cache_dir, default <output_dir>/teachers) must be filesystem paths (shared between "
                           "nodes for multi-node runs), not URIs")
@@ -183,6 +181,9 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
     storage = str(storage_path) if storage_path else cfg.output_dir
     if not is_uri(storage):
         storage = str(Path(storage).expanduser().resolve())
+    # Every folder this run writes, probed before any check that loads data, any teacher and any Ray start.
+    probe_all([(join(storage, cfg.name), "run folder")]
+              + ([(teacher_cache_dir(cfg), "teacher cache")] if roles_to_train(cfg) else []))
     check_before_start(cfg, scaling)
     started = connect(address, **ray_init)
     try:

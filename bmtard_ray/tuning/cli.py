@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bmtard_ray.cli import SHORTCUTS, add_config_args, guarded
+from bmtard_ray.cli import SHORTCUTS, add_config_args, guarded, on_interrupt
 from bmtard_ray.config import RunConfig, build_config, nest, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.storage import absolute_paths
@@ -196,6 +196,24 @@ def review_from_args(args: argparse.Namespace, console: Console) -> int:
     return review(Path(args.review), bind_all=args.bind_all, console=console)
 
 
+def has_tune_state(exp: Path) -> bool:
+    """Whether Tune saved an experiment state there (what ``Tuner.restore`` and so --resume need)."""
+    return any(exp.glob("experiment_state-*.json"))
+
+
+def refuse_on_resume(args: argparse.Namespace) -> None:
+    """--resume continues the search that was started: options that define it cannot be given again."""
+    given = [flag for flag, value in (("--space", args.space), ("--smoke-test", args.smoke_test),
+                                      ("--preset", args.preset), ("--config", args.config),
+                                      ("--set", args.overrides), ("--num-samples", args.num_samples))
+             if value]
+    given += [f"--{attr.replace('_', '-')}" for attr in SHORTCUTS if getattr(args, attr, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: the experiment continues with the "
+                          "search and config it saved (only --final-attacks, --final-examples, --top, --address "
+                          "and --num-cpus may be given)")
+
+
 @guarded
 def tune_main(argv: Sequence[str] | None = None) -> int:
     args = tune_parser().parse_args(argv)
@@ -210,18 +228,26 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     args.started_ray = False
     try:
         if args.resume:
+            refuse_on_resume(args)
+            on_interrupt(lambda: args.resume if has_tune_state(Path(args.resume)) else None, "run_tune.py")
             outcome, settings = session.resume(Path(args.resume), args, console)
         else:
             settings, space, cfg = prepare(args)
             check_experiment_dir(settings, args.overwrite)
+            session.preflight(settings, space, cfg, args)
+            exp = Path(settings.experiment_dir)
+            on_interrupt(lambda: str(exp) if has_tune_state(exp) else None, "run_tune.py")
             console.print(f"[bold]search space {space.name}[/bold] ({space.source}): {space.description}")
             for key, text in describe_space(space):
                 console.print(f"  {key}: {text}")
             outcome, settings = session.start(settings, space, cfg, args, console)
         if not outcome.complete:
             report.write_partial(outcome, settings, console)
-            console.print(f"[yellow]experiment interrupted; continue it with: python run_tune.py --resume "
-                          f"{outcome.experiment_dir}[/yellow]")
+            if has_tune_state(outcome.experiment_dir):
+                console.print(f"[yellow]experiment interrupted; continue it with: python run_tune.py --resume "
+                              f"{outcome.experiment_dir}[/yellow]")
+            else:
+                console.print("[yellow]experiment interrupted before Tune saved its state; nothing to resume[/yellow]")
             return 130
         summary = report.finish(outcome, settings, console)
         return 0 if summary["best"] is not None else 1

@@ -17,11 +17,12 @@ from pathlib import Path
 from rich.console import Console
 
 from bmtard_ray import io
-from bmtard_ray.config import RunConfig, replace, to_dict
+from bmtard_ray.config import RunConfig, from_dict, replace, teacher_cache_dir, to_dict
 from bmtard_ray.names import teacher_roles
 from bmtard_ray.data import prepare_data
 from bmtard_ray.tuning.search_space import SearchSpace, trial_methods
-from bmtard_ray.teachers import check_given_teachers, ensure_teachers
+from bmtard_ray.preflight import check_batches, probe_all
+from bmtard_ray.teachers import check_given_teachers, ensure_teachers, roles_to_train
 from bmtard_ray.ray_train import cluster
 from bmtard_ray.tuning import experiment
 from bmtard_ray.tuning.settings import CLUSTER_FILE, TuneSettings, max_concurrent_trials, resolve_gpus
@@ -52,18 +53,48 @@ def record_dashboard(experiment_dir: Path) -> None:
     io.atomic_text(json.dumps(record, indent=2), Path(experiment_dir) / CLUSTER_FILE)
 
 
-def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace,
-          console: Console) -> tuple[experiment.Outcome, TuneSettings]:
+def teachers_to_train(cfg: RunConfig, space: SearchSpace) -> list[str]:
+    """The teacher roles some trial needs that are neither given nor cached (trained before the search)."""
+    roles: list[str] = []
+    for method in trial_methods(space, cfg):
+        roles += [r for r in roles_to_train(replace(cfg, **{"method.name": method})) if r not in roles]
+    return roles
+
+
+def writable_paths(settings: TuneSettings, cfg: RunConfig, to_train: list[str]) -> list[tuple[str, str]]:
+    paths = [(settings.experiment_dir, "experiment folder")]
+    if settings.storage_folder:
+        paths.append((settings.storage_folder, "Optuna study folder"))
+    if to_train:
+        paths.append((teacher_cache_dir(cfg), "teacher cache"))
+    return paths
+
+
+def preflight(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace) -> None:
+    """What must hold before anything is printed, removed, trained or written (one line if not)."""
+    to_train = teachers_to_train(cfg, space)
+    probe_all(writable_paths(settings, cfg, to_train))  # before anything is removed, trained or written
     data = prepare_data(cfg)            # a missing data folder fails here, before Ray starts
+    check_batches(cfg, data, to_train)  # the base config's batches and every teacher still to train
     check_given_teachers(cfg, data.info)
+    if cluster.cluster_address(args.address):
+        # Joining a cluster starts nothing here, so it happens first: a dead address or a refused token
+        # fails in seconds, before any teacher is trained.
+        args.started_ray = cluster.init_ray(args.address, args.num_cpus)
     local = cluster.local_resources(args.address, args.num_cpus)
     if local is not None:               # a Ray instance started here: check the fit before training teachers
         resolve_gpus(settings, local, cfg.device)
         max_concurrent_trials(local, settings)
+
+
+def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace,
+          console: Console) -> tuple[experiment.Outcome, TuneSettings]:
+    """After :func:`preflight`: teachers, then Ray (unless joined already), then the Tuner."""
     exp = Path(settings.experiment_dir)
     if args.overwrite and exp.exists():
         shutil.rmtree(exp)
-    args.started_ray = cluster.init_ray(args.address, args.num_cpus)
+    if not cluster.cluster_address(args.address):
+        args.started_ray = cluster.init_ray(args.address, args.num_cpus)
     resources = cluster.cluster_resources()
     resolve_gpus(settings, resources, cfg.device)
     n_concurrent = max_concurrent_trials(resources, settings)
@@ -87,6 +118,7 @@ def resume(exp: Path, args: argparse.Namespace, console: Console) -> tuple[exper
     if args.top != 10:
         settings.top = args.top
     settings.validate()
+    probe_all(writable_paths(settings, from_dict(settings.base_config), []))
     args.started_ray = cluster.init_ray(args.address, args.num_cpus)
     record_dashboard(Path(settings.experiment_dir))
     outcome = experiment.run(settings, space, resume=True, console=console, verbose=0 if args.quiet else 1)

@@ -33,6 +33,7 @@ MODES = ("max", "min")
 SETTINGS_FILE = "settings.json"
 # The Ray dashboard of the cluster the search runs on (written when it connects; read by --review).
 CLUSTER_FILE = "ray_cluster.json"
+SETTINGS_FORMAT = "bmtard_ray.tune_settings/1"   # written into settings.json; files without one are version 0
 
 
 def objective_names() -> tuple[str, ...]:
@@ -105,6 +106,12 @@ class TuneSettings:
         return self.storage or f"sqlite:///{Path(self.experiment_dir) / 'optuna.db'}"
 
     @property
+    def storage_folder(self) -> str | None:
+        """The folder of a SQLite study file (it must be writable), None for a database server."""
+        prefix = "sqlite:///"
+        return str(Path(self.storage_url[len(prefix):]).parent) if self.storage_url.startswith(prefix) else None
+
+    @property
     def startup_trials(self) -> int:
         if self.n_startup_trials is not None:
             return self.n_startup_trials
@@ -146,11 +153,15 @@ class TuneSettings:
 
     # --- persistence -------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=list)
+        return json.dumps({"format": SETTINGS_FORMAT, **asdict(self)}, indent=2, default=list)
 
     @classmethod
     def from_json(cls, text: str) -> TuneSettings:
         data = json.loads(text)
+        # Version 0 (no format) holds the same fields: it continues as is; any other version refuses.
+        found = data.pop("format", SETTINGS_FORMAT)
+        if found != SETTINGS_FORMAT:
+            raise ConfigError(f"{SETTINGS_FILE} has format {found!r}; this version resumes only {SETTINGS_FORMAT}")
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
