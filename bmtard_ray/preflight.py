@@ -47,7 +47,7 @@ def probe_all(paths: Iterable[tuple[str | os.PathLike[str], str]]) -> None:
 
 def _train_source(cfg: RunConfig, n: int) -> str:
     """Which setting decided the training split's size (the value a user would change)."""
-    if cfg.data.train_subset is not None:
+    if cfg.data.train_subset == n:  # the subset, not the split, decided the size
         return f"data.train_subset={cfg.data.train_subset} leaves {n} training image(s)"
     return f"the training split holds {n} image(s) (after data.val_size={cfg.data.val_size})"
 
