@@ -289,6 +289,9 @@ def test_results_become_records_with_saved_statuses_and_effective_values(tmp_pat
     assert [h["epoch"] for h in a.history] == [1.0, 2.0] and a.checkpoint_path == "/ck/a" and a.time_s == 9.5
     assert c.error == "boom" and c.metrics == {}
     assert not is_complete(statuses, s)  # b still RUNNING: --resume has work to do
+    # After a resume Tune's order is not the study's: the number is Optuna's, recorded in the trial config.
+    grid[0].config["optuna_number"], grid[1].config["optuna_number"] = 1, 0
+    assert [r.number for r in collect_records(grid, s, space, max_epochs=6, statuses=statuses)][:2] == [1, 0]
     assert is_complete({"a": "TERMINATED", "b": "TERMINATED", "c": "ERROR"}, s)
     assert not is_complete({"a": "TERMINATED", "b": "TERMINATED"}, s)  # a trial was never created
 

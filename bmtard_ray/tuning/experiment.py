@@ -26,7 +26,7 @@ from bmtard_ray import io
 from bmtard_ray.config import from_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.ray_train.cluster import cluster_resources
-from bmtard_ray.tuning.optuna_space import DefineByRun, make_sampler, make_storage, open_study
+from bmtard_ray.tuning.optuna_space import OPTUNA_NUMBER, DefineByRun, make_sampler, make_storage, open_study
 from bmtard_ray.tuning.results import TrialRecord
 from bmtard_ray.tuning.search_space import SearchSpace, base_values, load_space, trial_config
 from bmtard_ray.tuning.searcher import TRAIN_DIR, StudySearch, close_unfinished, trial_folder
@@ -157,8 +157,6 @@ def run(settings: TuneSettings, space: SearchSpace, *, resume: bool, console: Co
         complete = True
         close_unfinished(open_study(settings))
         records = [r for r in records if r.metrics or r.status in ("TERMINATED", "ERROR")]
-        for number, r in enumerate(records):
-            r.number = number
     return Outcome(records=records, complete=complete, experiment_dir=exp)
 
 
@@ -211,7 +209,7 @@ def collect_records(grid: Any, settings: TuneSettings, space: SearchSpace, max_e
                     statuses: dict[str, str]) -> list[TrialRecord]:
     base = from_dict(settings.base_config)
     records = []
-    for number, result in enumerate(grid):  # the grid lists trials in creation order
+    for number, result in enumerate(grid):  # creation order: the number when Optuna's is not recorded
         metrics = dict(result.metrics or {})
         trial_id = str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
         params = {k: v for k, v in (result.config or {}).items() if k in space.keys}
@@ -231,5 +229,5 @@ def collect_records(grid: Any, settings: TuneSettings, space: SearchSpace, max_e
             checkpoint_path=metrics.get("checkpoint_path"), trial_dir=str(result.path),
             time_s=float(metrics.get("time_total_s") or math.nan),
             error=(str(result.error).strip().splitlines() or [""])[-1][:300] if result.error else None,
-            max_epochs=max_epochs, number=number))
+            max_epochs=max_epochs, number=int((result.config or {}).get(OPTUNA_NUMBER, number))))
     return records

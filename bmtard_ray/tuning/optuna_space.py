@@ -32,6 +32,9 @@ def suggest(trial: optuna.Trial, p: Param) -> Any:
     return trial.suggest_categorical(p.key, list(p.choices))
 
 
+OPTUNA_NUMBER = "optuna_number"  # key of the Optuna trial number in a Tune trial's config
+
+
 class DefineByRun:
     """Optuna's define-by-run form of a space: parameters are suggested in file order and a parameter whose
     ``when`` does not hold is not suggested at all (a conditional space, which TPE handles natively).
@@ -44,12 +47,15 @@ class DefineByRun:
         self.space = space
         self.base_values = dict(base_values)
 
-    def __call__(self, trial: optuna.Trial) -> None:
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         values = dict(self.base_values)
         for p in self.space.params:
             if p.active(values):
                 values[p.key] = suggest(trial, p)
-        # Returning None: Ray's OptunaSearch records the suggested values as the trial's config.
+        # Ray's OptunaSearch records the suggested values as the trial's config, plus what is returned here:
+        # Optuna's own trial number, so trials.parquet numbers trials as the study does (also after --resume,
+        # when Tune's trial order no longer is the study's).
+        return {OPTUNA_NUMBER: trial.number}
 
 
 def make_sampler(settings: TuneSettings) -> optuna.samplers.BaseSampler:
