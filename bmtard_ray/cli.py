@@ -83,7 +83,7 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         except KeyboardInterrupt:
             hint = _resume_hint[0]() if _resume_hint else None
             print(f"interrupted; continue with: {hint}" if hint else
-                  "interrupted before anything could be resumed was written", file=sys.stderr)
+                  "interrupted before a checkpoint was written: nothing to resume", file=sys.stderr)
             return 130
     return wrapper
 

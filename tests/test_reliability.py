@@ -341,7 +341,7 @@ def test_oserror_and_ctrl_c_are_one_line(tmp_path: Path, cifar_root: Path, capsy
     monkeypatch.setattr(runner, "run_local", interrupted)
     assert train_main(args) == 130
     err = capsys.readouterr().err
-    assert "--resume" not in err and "interrupted before anything" in err
+    assert "--resume" not in err and "nothing to resume" in err
     run = tmp_path / "runs" / "bmtard-smoke"
     run.mkdir(parents=True)
     torch.save({}, run / CHECKPOINT_FILE)
@@ -462,3 +462,61 @@ def test_a_sigkilled_driver_leaves_no_ray_process_and_resumes_every_epoch_once(
                               "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in pq.read_table(run / "metrics.parquet").to_pylist()] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ctrl-C in each phase: exit 130; --resume is named exactly when a checkpoint exists.
+
+
+@pytest.mark.parametrize("phase, resumable", [("teachers", False), ("ray start", False), ("training", True),
+                                              ("evaluation", True), ("report", True)])
+def test_ctrl_c_in_each_phase_exits_130_and_names_resume_only_with_a_checkpoint(
+        finished: Path, tmp_path: Path, cifar_root: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, phase: str, resumable: bool) -> None:
+    import bmtard_ray.runner as runner
+    import bmtard_ray.teachers as teachers
+    from bmtard_ray.loop import Trainer
+    from bmtard_ray.ray_train import cluster
+
+    def ctrl_c(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    cache = tmp_path / "fresh-cache" if phase == "teachers" else finished.parent.parent / "teachers"
+    real_epoch = Trainer.train_epoch
+    if phase == "teachers":
+        monkeypatch.setattr(teachers, "build_entry", ctrl_c)
+    elif phase == "ray start":
+        monkeypatch.setattr(cluster, "start_local_ray", ctrl_c)
+    elif phase == "training":  # the second epoch, after the first one's checkpoint
+        monkeypatch.setattr(Trainer, "train_epoch", lambda self, e: ctrl_c() if e == 2 else real_epoch(self, e))
+    elif phase == "evaluation":
+        monkeypatch.setattr(Trainer, "finish", ctrl_c)
+    else:
+        monkeypatch.setattr(runner, "print_summary", ctrl_c)
+    local = [] if phase == "ray start" else ["--local"]
+    argv = [*local, "--preset", "smoke", "--data-root", str(cifar_root), "--set", f"teachers.cache_dir={cache}",
+            "--output-dir", str(tmp_path / "runs")]
+    assert train_main(argv) == 130
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "bmtard-smoke"
+    assert (f"continue with: python run_train.py --resume {run}" in err) == resumable, err
+    assert ("nothing to resume" in err) != resumable, err
+    if resumable:  # ... and the run does continue from there
+        monkeypatch.undo()
+        assert train_main(["--local", "--resume", str(run)]) == 0
+
+
+def test_ctrl_c_while_tune_trains_teachers_mentions_no_resume(
+        tmp_path: Path, cifar_root: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from bmtard_ray.tuning import session
+
+    def ctrl_c(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "prepare_teachers", ctrl_c)
+    assert tune_main(["--smoke-test", *common(tmp_path, cifar_root), "--output-dir", str(tmp_path / "tune")]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "nothing to resume" in err
+    assert not ray.is_initialized()
