@@ -302,6 +302,10 @@ def inspect_checkpoint(spec: str) -> Inspected:
         if problem is not None:
             raise problem from None
         raise
+    found = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(found, str) and found.startswith("bmtard_ray.") and found not in (MODEL_FORMAT, TRAINING_CHECKPOINT):
+        raise CheckpointError(f"checkpoint {path} has format {found}; this version reads {MODEL_FORMAT} and "
+                              f"{TRAINING_CHECKPOINT}")
     if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT and isinstance(obj.get("config"), dict):
         # A training checkpoint (saved every epoch): the student's weights under "student", no normalisation.
         cfg = obj["config"]
