@@ -208,7 +208,7 @@ def setup_text(cfg: RunConfig) -> list[str]:
     train = f"a stratified {cfg.data.train_subset:,}-image subset" if cfg.data.train_subset else "all"
     return [
         f"Every run: student `{cfg.student}`, {o.epochs} epochs, batch {o.batch_size}, SGD lr {o.lr} "
-        f"(x0.1 at epochs {list(o.milestones)}), {train} of the 45,000 training images (5,000 held out "
+        f"(x0.1 after epochs {list(o.milestones)}), {train} of the 45,000 training images (5,000 held out "
         f"for validation), training attack PGD-{cfg.attack.steps} eps 8/255; the same two teachers, data "
         f"and seeds for every method. The distillation loss scale is {cfg.loss.scale} (affects MTARD and "
         f"B-MTARD only; SAT, TRADES and RSLAD use their own losses).",

@@ -105,8 +105,10 @@ class OptimConfig:
     weight_decay: float = 2e-4
     batch_size: int = 128            # global batch (split over Ray workers)
     epochs: int = 300
+    # lr, eta_tau and rho are multiplied by gamma AFTER the training of each milestone epoch, as the
+    # released loop does: with (215, 260, 285) epoch 215 runs at lr 0.1 and epoch 216 is the first at 0.01.
     milestones: tuple[int, ...] = (215, 260, 285)
-    gamma: float = 0.1               # lr, eta_tau and rho are all multiplied by this at each milestone
+    gamma: float = 0.1
 
 
 @dataclass
@@ -118,7 +120,7 @@ class TeacherConfig:
     epochs: int = 30
     lr: float = 0.1
     batch_size: int = 128
-    milestones: tuple[int, ...] = ()
+    milestones: tuple[int, ...] = ()  # lr x optim.gamma after these epochs (the rule of optim.milestones)
     mean: tuple[float, float, float] | None = None  # normalisation carried inside the model
     std: tuple[float, float, float] | None = None
 

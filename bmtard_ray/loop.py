@@ -46,8 +46,13 @@ def seed_everything(seed: int) -> None:
 
 
 def schedule_factor(epoch: int, milestones: tuple[int, ...], gamma: float) -> float:
-    """Multiplier for lr, eta_tau and rho in (1-based) ``epoch``: gamma ** (milestones reached)."""
-    return gamma ** sum(epoch >= m for m in milestones)
+    """Multiplier for lr, eta_tau and rho in (1-based) ``epoch``: gamma ** (milestones already completed).
+
+    As released, the decay happens *after* the training of a milestone epoch (``if epoch in milestones`` at
+    the end of the epoch loop): with milestones (215, 260, 285) epoch 215 still runs at the full rate and
+    epoch 216 is the first at 0.1x.
+    """
+    return gamma ** sum(epoch > m for m in milestones)
 
 
 @dataclass

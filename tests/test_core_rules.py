@@ -294,13 +294,16 @@ def test_mtard_keeps_temperatures_at_one() -> None:
     assert out.row()[cols["tau_adv"]].item() == 1.0 and out.row()[cols["tau_nat"]].item() == 1.0
 
 
-def test_schedule_decays_lr_eta_and_rho_together_at_milestones() -> None:
+def test_schedule_decays_lr_eta_and_rho_together_after_the_milestone_epochs() -> None:
+    # The released loop decays at the END of epochs 215, 260 and 285: each milestone epoch still trains at
+    # the old rate, the next one is the first at the new rate. A shift by one epoch either way fails here.
     ms = (215, 260, 285)
-    assert schedule_factor(1, ms, 0.1) == 1
-    assert schedule_factor(214, ms, 0.1) == 1
-    assert schedule_factor(215, ms, 0.1) == pytest.approx(0.1)
-    assert schedule_factor(260, ms, 0.1) == pytest.approx(0.01)
-    assert schedule_factor(300, ms, 0.1) == pytest.approx(0.001)
+    factors = {e: schedule_factor(e, ms, 0.1) for e in range(1, 301)}
+    assert all(factors[e] == 1 for e in range(1, 216))
+    assert all(factors[e] == pytest.approx(0.1) for e in range(216, 261))
+    assert all(factors[e] == pytest.approx(0.01) for e in range(261, 286))
+    assert all(factors[e] == pytest.approx(0.001) for e in range(286, 301))
+    assert schedule_factor(5, (4,), 0.1) == pytest.approx(0.1) and schedule_factor(4, (4,), 0.1) == 1  # cpu preset
     task, *_ = make_bmtard()
     task.decay(0.1)
     assert task.ebb.eta == pytest.approx(0.0001) and task.nlb.rho == pytest.approx(0.0025)

@@ -25,7 +25,9 @@ def smoke_config(tmp_path: Path, cifar_root: Path, *overrides: str):
 
 
 def test_smoke_run_writes_every_output_with_a_trace_row_per_iteration(tmp_path: Path, cifar_root: Path) -> None:
-    cfg = smoke_config(tmp_path, cifar_root)
+    # The robust teacher gets two epochs and a milestone, to check the teachers' schedule as well.
+    cfg = smoke_config(tmp_path, cifar_root, "teachers.robust.epochs=2", "teachers.robust.milestones=[1]")
+    assert cfg.optim.milestones == (1,) and cfg.optim.epochs == 2
     summary = run_local(cfg)
     run = tmp_path / "runs" / cfg.name
     for name in ("config.yaml", "checkpoint.pt", "model.pt", "trace.parquet", "metrics.parquet", "summary.json",
@@ -40,10 +42,16 @@ def test_smoke_run_writes_every_output_with_a_trace_row_per_iteration(tmp_path: 
     # The trace obeys the update rules: each temperature moves by at most eta per iteration, weights sum to 1.
     tau = trace.column("tau_nat").to_pylist()
     assert all(abs(b - a) <= cfg.ebb.eta_tau + 1e-6 for a, b in zip(tau, tau[1:]))
+    # Milestone 1: epoch 1 at the full rates, epoch 2 (after the milestone epoch) at 0.1x -- eta_tau included.
+    epoch2 = [t for t, e in zip(tau, trace.column("epoch").to_pylist()) if e == 2]
+    assert all(abs(b - a) <= 0.1 * cfg.ebb.eta_tau + 1e-6 for a, b in zip(epoch2, epoch2[1:]))
     w = zip(trace.column("w_adv").to_pylist(), trace.column("w_nat").to_pylist())
     assert all(abs(a + b - 1) < 1e-6 for a, b in w)
     metrics = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [m["epoch"] for m in metrics] == list(range(1, cfg.optim.epochs + 1))
+    assert [m["lr"] for m in metrics] == pytest.approx([0.05, 0.005])
+    robust_metrics = next((tmp_path / "teachers").glob("robust-*/metrics.parquet"))
+    assert pq.read_table(robust_metrics).column("lr").to_pylist() == pytest.approx([0.05, 0.005])
     assert all(math.isfinite(m["train_loss"]) and 0 <= m["val_w_robust"] <= 100 for m in metrics)
     # ... and as TensorBoard events (losses, balance, validation), to watch a run while it trains.
     scalars = read_scalars(run)
