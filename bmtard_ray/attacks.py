@@ -42,12 +42,14 @@ def perturb(model: nn.Module, x: Tensor, objective: LossFn, *, eps: float, step_
     if start == "gaussian":
         x_adv = x + init_std * torch.randn_like(x)
     elif start == "uniform":
-        x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+        # Clamped before the first gradient, as Madry's reference and our evaluation attacks do: the model
+        # never sees an invalid image.
+        x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
     elif start == "none":
         x_adv = x.clone()
     else:
         raise ValueError(f"unknown start '{start}'")
-    # The released code does not clamp the random start; the first projection does.
+    # The released B-MTARD/TRADES code does not clamp its Gaussian start; the first projection does.
     with eval_mode(model):
         for _ in range(steps):
             x_adv.requires_grad_(True)

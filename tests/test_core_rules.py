@@ -60,6 +60,22 @@ def test_attack_starts_from_gaussian_noise_of_std_0001() -> None:
     assert torch.equal(x0, x + 0.001 * torch.randn_like(x))
 
 
+def test_sat_uniform_start_is_clamped_to_the_unit_box_before_the_first_gradient() -> None:
+    x = torch.cat([torch.zeros(8, 3, 8, 8), torch.ones(8, 3, 8, 8), torch.full((8, 3, 8, 8), 0.5)])
+    eps = 8 / 255
+    model, seen = tiny(), Recorder(tiny())
+    torch.manual_seed(0)
+    x0 = attacks.perturb(model, x, lambda z: z.sum(), eps=eps, step_size=2 / 255, steps=0, start="uniform")
+    assert x0.min().item() == 0.0 and x0.max().item() == 1.0
+    assert (x0[:8] > 0).any() and (x0[8:16] < 1).any()  # the noise is there, only cut at the box
+    torch.manual_seed(0)
+    assert torch.equal(x0, (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1))
+    # What the model sees at the first (and only) gradient step is the clamped start.
+    torch.manual_seed(0)
+    attacks.pgd_ce(seen, x, torch.zeros(24, dtype=torch.long), eps=eps, step_size=2 / 255, steps=1, start="uniform")
+    assert len(seen.seen) == 1 and torch.equal(seen.seen[0], x0)
+
+
 def test_attack_projects_to_eps_ball_and_unit_box_each_step() -> None:
     model = tiny()
     x, y = batch()
