@@ -97,7 +97,13 @@ class LossBalance:
 
     ``r_i = L_i / L_i(0)``; ``q_adv = r_adv^beta / (r_adv^beta + r_nat^beta)``;
     ``w_adv <- (1 - rho) w_adv + rho q_adv``; ``w_nat = 1 - w_adv``. ``L_i(0)`` is the first iteration's
-    loss (``ref_window=1``, as released) or the running mean over the first ``ref_window`` iterations.
+    loss (``ref_window=1``, as released) or the mean over the first N = ``ref_window`` iterations.
+
+    The rule for N > 1: the weights are held at their initial values until the reference is complete.
+    Iterations 1..N-1 only record their losses (and train with ``w_adv_init``); iteration N adds its loss,
+    which completes the mean, and takes the first update against it; from then on the reference is fixed.
+    N = 1 is exactly the released behaviour (iteration 1 records L(0) and updates with r = (1, 1)). A partial
+    mean would compare each early loss mostly with itself and move the weights on noise.
     """
 
     def __init__(self, cfg: NLBConfig, device: torch.device | str = "cpu") -> None:
@@ -123,6 +129,8 @@ class LossBalance:
         if self.ref_count < self.cfg.ref_window:
             self.ref_sum += losses
             self.ref_count += 1
+            if self.ref_count < self.cfg.ref_window:
+                return  # the reference is not complete yet: the weights stay at their initial values
         r = losses / self.reference.clamp_min(1e-12)
         rb = r.pow(self.cfg.beta)
         q_adv = rb[0] / rb.sum().clamp_min(1e-12)

@@ -84,7 +84,9 @@ class NLBConfig:
     w_adv_init: float = 0.5
     beta: float = 1.0
     rho: float = 0.025
-    ref_window: int = 1              # L_i(0): mean over the first N iterations (1 = released)
+    # L_i(0): mean over the first N iterations (1 = released). For N > 1 the weights stay at w_adv_init
+    # until the window is complete; iteration N takes the first update, against the full mean.
+    ref_window: int = 1
 
 
 @dataclass

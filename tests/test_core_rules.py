@@ -203,12 +203,41 @@ def test_nlb_reference_is_the_first_iteration_and_rule_matches_hand() -> None:
     assert nlb.reference.tolist() == [4.0, 2.0]
 
 
-def test_nlb_reference_window_averages_first_n() -> None:
-    nlb = LossBalance(NLBConfig(ref_window=2))
-    nlb.step(torch.tensor(4.0), torch.tensor(2.0))
-    nlb.step(torch.tensor(2.0), torch.tensor(4.0))
-    nlb.step(torch.tensor(1.0), torch.tensor(1.0))
-    assert nlb.reference.tolist() == [3.0, 3.0]
+def test_nlb_reference_window_holds_the_weights_until_the_mean_of_the_first_n_is_complete() -> None:
+    rho, init = 0.5, 0.25  # 0.25: exact in float32, so "held" can be checked with ==
+    nlb = LossBalance(NLBConfig(ref_window=3, rho=rho, w_adv_init=init))
+    losses = [(4.0, 2.0), (2.0, 4.0), (3.0, 6.0), (1.0, 3.0), (0.5, 0.5)]
+    ref = (3.0, 4.0)  # mean of the first three iterations
+    expected, w = [], init
+    for i, (la, ln) in enumerate(losses, start=1):
+        if i >= 3:  # iteration 3 completes the reference and takes the first update against it
+            ra, rn = la / ref[0], ln / ref[1]
+            w = (1 - rho) * w + rho * ra / (ra + rn)
+        expected.append(w)
+    got = []
+    for i, (la, ln) in enumerate(losses, start=1):
+        nlb.step(torch.tensor(la), torch.tensor(ln))
+        got.append(nlb.w_adv.item())
+        if i < 3:
+            assert nlb.w_adv.item() == init  # held exactly: no update against a partial mean
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert nlb.reference.tolist() == pytest.approx(list(ref))
+    assert got[2] != pytest.approx(init)  # the rule does act once the window is full
+    # Window 1 is the released rule: the first iteration updates with r = (1, 1).
+    one = LossBalance(NLBConfig(ref_window=1, rho=rho, w_adv_init=init))
+    one.step(torch.tensor(4.0), torch.tensor(2.0))
+    assert one.w_adv.item() == pytest.approx((1 - rho) * init + rho * 0.5)
+
+
+def test_nlb_window_state_survives_a_checkpoint_mid_window() -> None:
+    a = LossBalance(NLBConfig(ref_window=3, rho=0.5, w_adv_init=0.3))
+    a.step(torch.tensor(4.0), torch.tensor(2.0))
+    b = LossBalance(NLBConfig(ref_window=3, rho=0.5, w_adv_init=0.3))
+    b.load_state_dict(a.state_dict())
+    for la, ln in ((2.0, 4.0), (3.0, 6.0), (1.0, 3.0)):
+        a.step(torch.tensor(la), torch.tensor(ln))
+        b.step(torch.tensor(la), torch.tensor(ln))
+        assert a.w_adv.item() == b.w_adv.item()
 
 
 # ---------------------------------------------------------------------------------------------------------
