@@ -118,7 +118,9 @@ class TeacherConfig:
     """A frozen teacher: loaded from ``checkpoint`` or trained once by the toolkit and cached."""
     arch: str = "resnet56"
     checkpoint: str | None = None    # path, or "pyautoattack" for the wheel's standard ResNet-18
-    train_method: str = "natural"    # used when no checkpoint: natural (clean) / sat / trades (robust)
+    # Used when no checkpoint: natural (clean) / sat / trades (robust), at that method's default settings
+    # (the student's method section does not reach the teacher, so every method shares the same teachers).
+    train_method: str = "natural"
     epochs: int = 30
     lr: float = 0.1
     batch_size: int = 128

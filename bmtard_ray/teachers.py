@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bmtard_ray import io
-from bmtard_ray.config import RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
+from bmtard_ray.config import MethodConfig, RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
 from bmtard_ray.data import DatasetInfo
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, load_model
@@ -33,6 +33,13 @@ RunFn = Callable[[RunConfig], object]
 BUILDING = ".incomplete"                      # where teachers train before their entry is renamed into place
 ENTRY_FILE = "teacher.json"                   # written last into a complete entry
 ENTRY_FORMAT = "bmtard_ray.teacher_cache/1"
+
+# Part of every cache key. Bump it when a change to the toolkit alters what the same teacher configuration
+# trains, so that no teacher trained under the old rules is reused. 2: milestones decay after the milestone
+# epoch (as released) and SAT's uniform start is clamped to [0, 1]; the key no longer holds the student's method.
+TEACHER_RULES_VERSION = 2
+# Data settings that do not change the training set a teacher sees.
+_DATA_NOT_IN_KEY = {"root": None, "download": None, "test_subset": None}
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -66,7 +73,9 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
     """The RunConfig that trains the ``role`` teacher for ``cfg``'s dataset and data split."""
     tc: TeacherConfig = getattr(cfg.teachers, role)
     t = from_dict(to_dict(cfg))
-    t.method.name = tc.train_method
+    # A teacher trains with its own method at that method's defaults: nothing in the student's method section
+    # (its name, TRADES' beta, ARD's alpha, ...) may change which teacher a run gets.
+    t.method = MethodConfig(name=tc.train_method)
     t.student = tc.arch
     t.optim.epochs, t.optim.lr, t.optim.batch_size, t.optim.milestones = tc.epochs, tc.lr, tc.batch_size, tc.milestones
     t.trace = False
@@ -74,9 +83,13 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
     t.checkpoint_every = 1
     t.eval.attacks = ("clean", "pgd_sat")
     t.eval.n_examples = min(cfg.eval.n_examples or 1000, 1000)
-    # Only what determines the weights goes into the key (not names, folders or evaluation settings).
-    key = {"role": role, "teacher": to_dict(tc) | {"checkpoint": None}, "data": to_dict(cfg.data) | {"root": None},
-           "attack": to_dict(cfg.attack), "method": to_dict(cfg.method), "optim": {"momentum": cfg.optim.momentum,
+    # Only what determines the weights goes into the key (not names, folders, evaluation settings, the
+    # normalisation of a given checkpoint, or the student's method): runs of different methods share teachers.
+    key = {"rules": TEACHER_RULES_VERSION, "role": role,
+           "teacher": to_dict(tc) | {"checkpoint": None, "mean": None, "std": None},
+           "data": to_dict(cfg.data) | _DATA_NOT_IN_KEY,
+           "attack": None if tc.train_method == "natural" else to_dict(cfg.attack),  # natural training has none
+           "method": to_dict(t.method), "optim": {"momentum": cfg.optim.momentum,
            "weight_decay": cfg.optim.weight_decay, "gamma": cfg.optim.gamma}, "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     t.name = f"{role}-{tc.arch}-{tc.train_method}-{tc.epochs}ep-{digest}"
