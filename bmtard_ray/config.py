@@ -20,6 +20,10 @@ from bmtard_ray.names import (ATTACK_NAMES, DATASET_NAMES, DEVICES, METHOD_NAMES
                               TEACHER_TRAIN_METHODS)
 
 CONFIG_FORMAT = "bmtard_ray.config/1"  # written at the top of every run's config.yaml
+# Defaults that depend on the dataset, resolved once by build_config after every layer: a key that no preset,
+# config file or override sets takes its value for the run's dataset (datasets not listed keep the field's
+# default); explicit values always win. The released CIFAR-100 code multiplies both losses by 10.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"loss.scale": {"cifar100": 10.0}}
 REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
 ENTROPY_TARGET_MODES = ("absolute", "fraction")
 EBB_MODES = ("step", "solve")
@@ -53,7 +57,7 @@ class LossConfig:
     """How the distillation KLs are reduced (REFERENCE §1.3)."""
     reduction: str = "elementwise_mean"  # released: mean over all B*K elements (= batch-mean KL / K)
     log_eps: float = 1e-5                # added inside the teacher's log, as released
-    scale: float = 1.0                   # released CIFAR-100 code uses 10
+    scale: float = 1.0                   # dataset-dependent default: 10 for CIFAR-100 (DATASET_DEFAULTS)
 
 
 @dataclass
@@ -301,18 +305,50 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a (nested) layer sets."""
+    out: set[str] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            out.add(f"{prefix}{key}")
+    return out
+
+
+def apply_dataset_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
+    """Give every dataset-dependent key not in ``explicit`` its value for ``cfg``'s dataset (in place)."""
+    for key, by_dataset in DATASET_DEFAULTS.items():
+        if key not in explicit and cfg.data.dataset in by_dataset:
+            _apply(cfg, nest({key: by_dataset[cfg.data.dataset]}))
+    return cfg
+
+
+def dataset_settings(cfg: RunConfig) -> str:
+    """The resolved dataset-dependent keys, for the line a run prints when it starts."""
+    flat = flat_keys(cfg)
+    return ", ".join(f"{key}={flat[key]:g}" if isinstance(flat[key], float) else f"{key}={flat[key]}"
+                     for key in DATASET_DEFAULTS)
+
+
 def build_config(preset: str | None = None, files: list[str | Path] = (), overrides: list[str] = (),
                  extra: dict[str, Any] | None = None) -> RunConfig:
-    """Resolve preset -> files -> ``extra`` (nested dict) -> dotted overrides, then validate."""
+    """Resolve preset -> files -> ``extra`` (nested dict) -> dotted overrides, then the dataset-dependent
+    defaults of keys none of them set, then validate."""
     cfg = RunConfig()
+    layers: list[dict[str, Any]] = []
     if preset:
-        _apply(cfg, preset_dict(preset))
-    for f in files:
-        _apply(cfg, read_yaml(f))
+        layers.append(preset_dict(preset))
+    layers += [read_yaml(f) for f in files]
     if extra:
-        _apply(cfg, extra)
+        layers.append(extra)
     if overrides:
-        _apply(cfg, nest(dict(parse_override(o) for o in overrides)))
+        layers.append(nest(dict(parse_override(o) for o in overrides)))
+    explicit: set[str] = set()
+    for layer in layers:
+        _apply(cfg, layer)
+        explicit |= _leaf_keys(layer)
+    apply_dataset_defaults(cfg, explicit)
     validate(cfg)
     return cfg
 

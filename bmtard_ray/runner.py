@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from bmtard_ray import io
-from bmtard_ray.config import RunConfig, teacher_cache_dir
+from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir
 from bmtard_ray.data import prepare_data
 from bmtard_ray.events import EpochEvents
 from bmtard_ray.loop import Trainer
@@ -56,7 +56,8 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     write_config(cfg, run_dir)
     events = EpochEvents(run_dir, fresh=state is None)  # TensorBoard: watch the run live (report() writes)
     console.print(f"[bold]{cfg.name}[/bold]: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
-                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images) on {trainer.device}")
+                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; {dataset_settings(cfg)}) "
+                  f"on {trainer.device}")
     try:
         trainer.fit()
     finally:

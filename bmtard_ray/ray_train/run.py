@@ -12,7 +12,7 @@ from ray.train.torch import TorchTrainer
 from rich.console import Console
 from rich.text import Text
 
-from bmtard_ray.config import RunConfig, teacher_cache_dir, to_dict
+from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir, to_dict
 from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
 from bmtard_ray.events import EpochEvents
@@ -128,7 +128,7 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
                                  keep_checkpoints=keep_checkpoints, resume_from=resume_from, finish=True,
                                  worker_hook=worker_hook)
     gpus = f", {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
-    console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset}, "
+    console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} ({dataset_settings(cfg)}), "
                   f"{scaling.num_workers} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
                   f"{scaling.placement_strategy.lower()}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
