@@ -39,7 +39,7 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     probe_all([(run_dir, "run folder")] + ([(teacher_cache_dir(cfg), "teacher cache")] if to_train else []))
     data = prepare_data(cfg)  # fails on a bad data folder before anything is written
     check_batches(cfg, data, to_train)  # ... on a split too small for one batch of the student or a teacher
-    check_given_teachers(cfg, data.info)  # ... and on a teacher checkpoint that does not fit
+    check_given_teachers(cfg, data.info, data.val)  # ... and on a teacher checkpoint that does not fit
     check_run_folder(str(run_dir), resume=resume is not None, overwrite=overwrite)
     cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=console),
                           log=lambda s: console.print(f"[bold]{s}[/bold]"))

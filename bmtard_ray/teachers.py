@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from torch import nn
 
 from bmtard_ray import io
 from bmtard_ray.config import MethodConfig, RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
-from bmtard_ray.data import DatasetInfo
+from bmtard_ray.data import DatasetInfo, Split
+from bmtard_ray.device import select_device
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.evaluation.probe import chance_warning, probe_accuracy
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, load_model
 from bmtard_ray.names import teacher_roles
 
@@ -61,12 +64,31 @@ def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.
     return freeze(loaded.model.to(device))
 
 
-def check_given_teachers(cfg: RunConfig, info: DatasetInfo) -> None:
-    """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_given_teachers(cfg: RunConfig, info: DatasetInfo, probe: Split | None = None,
+                         warn: Callable[[str], None] = _warn) -> None:
+    """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained.
+
+    With ``probe`` (the validation split), each is also run on a few hundred of its images, and a teacher near
+    chance gets a warning: strict loading checks the layout, not the input normalisation the weights expect.
+    """
     for role in teacher_roles(cfg.method.name):
         tc: TeacherConfig = getattr(cfg.teachers, role)
-        if tc.checkpoint:
-            load_teacher(role, tc, info, torch.device("cpu"))
+        if not tc.checkpoint:
+            continue
+        teacher = load_teacher(role, tc, info, torch.device("cpu"))
+        if probe is None or len(probe) == 0:
+            continue
+        device = select_device(cfg.device)
+        accuracy, n = probe_accuracy(teacher.to(device), probe, device)
+        hint = (f"set teachers.{role}.mean/std if it was trained on normalised inputs, or leave them unset if "
+                f"it was not (run_eval.py: --mean/--std)")
+        message = chance_warning(f"the {role} teacher {tc.checkpoint}", accuracy, n, info.num_classes, hint)
+        if message:
+            warn(message)
 
 
 def teacher_config(cfg: RunConfig, role: str) -> RunConfig:

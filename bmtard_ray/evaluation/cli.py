@@ -22,6 +22,7 @@ from bmtard_ray.cli import os_error_line
 from bmtard_ray.device import select_device
 from bmtard_ray.errors import BmtardError, ConfigError
 from bmtard_ray.evaluation.core import check_attacks, evaluate
+from bmtard_ray.evaluation.probe import chance_warning
 from bmtard_ray.evaluation.report import print_table, write_reports
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, inspect_checkpoint, load_model
 from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, DATASET_NAMES, DEVICES, MODEL_NAMES
@@ -151,6 +152,13 @@ def run(args: argparse.Namespace) -> int:
     source_model = source.model.to(device) if source is not None else None
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     result = evaluate(model, split, cfg, device=device, source_model=source_model, progress=progress)
+    if "clean" in result.accuracy:
+        hint = ("pass --mean/--std if it was trained on normalised inputs, or leave them out if it was not"
+                if record is None else "check the model file")
+        warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, info.num_classes, hint,
+                                 split="test" if args.split == "test" else "validation")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     stem = "pyautoattack_resnet18" if args.checkpoint == PYAUTOATTACK else path.stem
     # A run's file is <run>/model.pt: the run folder names the model better than "model".

@@ -6,16 +6,17 @@ of the public checkpoints each architecture is laid out to load.
 """
 from __future__ import annotations
 
-from bmtard_ray.models.checkpoint import (CheckpointError, LoadedModel, inspect_checkpoint, load_model, load_weights,
-                                          model_record, pyautoattack_resnet18_path, read_state_dict)
+from bmtard_ray.models.checkpoint import (CheckpointError, LoadedModel, inspect_checkpoint, load_model, load_pretrained,
+                                          load_weights, model_record, pyautoattack_resnet18_path, read_state_dict)
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
-from bmtard_ray.models.resnet import ResNet18, ResNet56
+from bmtard_ray.models.resnet import ProjectionResNet56, ResNet18, ResNet56
 from bmtard_ray.models.small import InputNormalization, SmallCNN, TinyCNN
 from bmtard_ray.models.wideresnet import DMWideResNet, WideResNet
-from bmtard_ray.models.zoo import MODEL_NAMES, build_model, count_parameters
+from bmtard_ray.models.zoo import LAYOUTS, MODEL_NAMES, build_model, count_parameters, layout_for_keys
 
 __all__ = [
-    "MODEL_NAMES", "build_model", "load_model", "inspect_checkpoint", "LoadedModel", "model_record", "count_parameters", "load_weights", "read_state_dict", "pyautoattack_resnet18_path",
-    "CheckpointError", "InputNormalization", "ResNet18", "ResNet56", "MobileNetV2", "WideResNet", "DMWideResNet",
-    "SmallCNN", "TinyCNN",
+    "MODEL_NAMES", "LAYOUTS", "build_model", "layout_for_keys", "load_model", "load_pretrained", "inspect_checkpoint",
+    "LoadedModel", "model_record", "count_parameters", "load_weights", "read_state_dict", "pyautoattack_resnet18_path",
+    "CheckpointError", "InputNormalization", "ResNet18", "ResNet56", "ProjectionResNet56", "MobileNetV2", "WideResNet",
+    "DMWideResNet", "SmallCNN", "TinyCNN",
 ]

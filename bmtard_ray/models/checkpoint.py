@@ -20,7 +20,7 @@ import torch.nn as nn
 from bmtard_ray.config import RunConfig, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.models.small import InputNormalization
-from bmtard_ray.models.zoo import build_model
+from bmtard_ray.models.zoo import LAYOUTS, build_model, layout_for_keys
 from bmtard_ray.names import MODEL_NAMES
 
 if TYPE_CHECKING:
@@ -163,12 +163,13 @@ def _guess_arch(keys: set[str]) -> str | None:
     """The model name whose parameter names these are (built on the meta device: no memory, no time)."""
     wanted = {k for k in keys if not k.endswith("num_batches_tracked")} - {"mean", "std"}  # RobustBench buffers
     for name in MODEL_NAMES:
-        with torch.device("meta"):
-            candidate = build_model(name, 10)
-        have = {k for k in candidate.state_dict() if not k.endswith("num_batches_tracked")}
-        optional = tuple(getattr(candidate, "optional_checkpoint_prefixes", ()))
-        if wanted <= have and all(k.startswith(optional) for k in have - wanted):
-            return name
+        for layout in LAYOUTS.get(name) or [None]:  # every layout of an architecture counts as that architecture
+            with torch.device("meta"):
+                candidate = build_model(name, 10, layout=layout)
+            have = {k for k in candidate.state_dict() if not k.endswith("num_batches_tracked")}
+            optional = tuple(getattr(candidate, "optional_checkpoint_prefixes", ()))
+            if wanted <= have and all(k.startswith(optional) for k in have - wanted):
+                return name
     return None
 
 
@@ -319,10 +320,25 @@ def inspect_checkpoint(spec: str) -> Inspected:
     return Inspected(path, None)
 
 
+def load_pretrained(name: str, num_classes: int, path: str | os.PathLike, *,
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                    key: str | None = None) -> nn.Module:
+    """``name`` in the layout the checkpoint's keys say (``LAYOUTS``), with its weights loaded strictly.
+
+    A checkpoint of none of the layouts is loaded into the default one, so that load_weights' one-line error
+    says what does not fit.
+    """
+    layout = layout_for_keys(name, set(read_state_dict(path, key=key))) if name in LAYOUTS else None
+    model = build_model(name, num_classes, mean=mean, std=std, layout=layout)
+    load_weights(model, path, key=key)
+    return model
+
+
 def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
                mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                role: str = "checkpoint", inspected: Inspected | None = None) -> LoadedModel:
-    """Build the architecture and load the weights strictly (one-line CheckpointError otherwise)."""
+    """Build the architecture (in the layout the file's keys say) and load the weights strictly (one-line
+    CheckpointError otherwise)."""
     found = inspected if inspected is not None else inspect_checkpoint(spec)
     path, record = found.path, found.record
     flag = "--arch" if role == "checkpoint" else "--source-arch"
@@ -339,6 +355,5 @@ def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
         arch = arch or "resnet18"  # kuangliu layout, no normalisation
     if arch is None:
         raise ConfigError(f"{role} {path} is a plain state dict: say which architecture it is with {flag}")
-    model = build_model(arch, num_classes, mean=mean, std=std)
-    load_weights(model, path, key=found.key)
+    model = load_pretrained(arch, num_classes, path, mean=mean, std=std, key=found.key)
     return LoadedModel(model, arch, path, record)

@@ -4,6 +4,10 @@
   the layout of pyautoattack's ``model_test.pt`` and of most adversarial-distillation code.
 - ``ResNet56``: the akamaster/pytorch_resnet_cifar10 layout (16-32-64 channels, ``conv1, bn1, layer1..3,
   linear``, parameter-free "option A" shortcuts), the layout of the widely used ResNet-56 checkpoints.
+- ``ProjectionResNet56``: the layout of the MTARD repository's ``cifar10_nat_teacher_models/resnet.py`` (the
+  paper's clean teacher; also chenyaofo/pytorch-cifar-models): same stages, torchvision-style blocks whose
+  shortcut, where the shape changes, is a 1x1 conv + BN ``downsample`` Sequential, and a classifier ``fc``.
+  ``--arch resnet56`` loads either: the checkpoint's keys choose (:func:`bmtard_ray.models.load_pretrained`).
 
 Both pool adaptively (identical to the original fixed pooling on 32x32), so 64x64 inputs work too.
 Residual additions are out of place so that no autograd-saved tensor is overwritten.
@@ -109,3 +113,55 @@ class ResNet56(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+
+class ProjectionBlock(nn.Module):
+    """torchvision's BasicBlock as the MTARD repository uses it: ``downsample`` (conv1x1 + BN) only where the
+    stride or the width changes, else the identity."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ProjectionResNet56(nn.Module):
+    """ResNet-6n+2 for CIFAR in the MTARD repository's layout (projection shortcuts, ``fc``); 0.86 M parameters.
+
+    The authors' clean-teacher checkpoint was trained on [0, 1] inputs without normalisation; the same layout's
+    chenyaofo checkpoints were trained with CIFAR mean/std (give ``mean``/``std`` for those).
+    """
+
+    def __init__(self, num_classes: int = 10, n: int = 9, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.normalize = InputNormalization(mean, std)
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        in_planes = 16
+        for i, (planes, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
+            blocks = [ProjectionBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1) for j in range(n)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            in_planes = planes
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():  # the authors' initialisation (torchvision's)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)

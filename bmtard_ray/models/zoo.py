@@ -5,12 +5,13 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn as nn
 
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.names import MODEL_NAMES
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
-from bmtard_ray.models.resnet import ResNet18, ResNet56
+from bmtard_ray.models.resnet import ProjectionResNet56, ResNet18, ResNet56
 from bmtard_ray.models.small import SmallCNN, TinyCNN
 from bmtard_ray.models.wideresnet import DMWideResNet, WideResNet
 
@@ -28,6 +29,16 @@ _BUILDERS: dict[str, Callable[[int, Stats, Stats], nn.Module]] = {
 }
 assert tuple(_BUILDERS) == MODEL_NAMES
 
+# Architectures whose public checkpoints come in more than one parameter layout. The first layout is the one
+# build_model makes by default (and the toolkit trains); load_pretrained picks the layout a file's keys have.
+LAYOUTS: dict[str, dict[str, Callable[[int, Stats, Stats], nn.Module]]] = {
+    "resnet56": {
+        "option_a": _BUILDERS["resnet56"],
+        # the MTARD repository's cifar10_nat_teacher_models (the paper's clean teacher), chenyaofo's models
+        "projection": lambda k, m, s: ProjectionResNet56(k, mean=m, std=s),
+    },
+}
+
 
 def _check_stats(name: str, values: Stats) -> tuple[float, float, float] | None:
     if values is None:
@@ -42,10 +53,17 @@ def _check_stats(name: str, values: Stats) -> tuple[float, float, float] | None:
 
 
 def build_model(name: str, num_classes: int, *, mean: tuple[float, float, float] | None = None,
-                std: tuple[float, float, float] | None = None) -> nn.Module:
-    """A freshly initialised model by name; ``mean``/``std`` (both or neither) normalise [0, 1] inputs inside."""
+                std: tuple[float, float, float] | None = None, layout: str | None = None) -> nn.Module:
+    """A freshly initialised model by name; ``mean``/``std`` (both or neither) normalise [0, 1] inputs inside.
+
+    ``layout`` chooses among the parameter layouts of an architecture listed in ``LAYOUTS`` (default: its first).
+    """
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")
+    variants = LAYOUTS.get(name, {})
+    if layout is not None and layout not in variants:
+        known = ", ".join(variants) if variants else "none (it has one layout)"
+        raise ConfigError(f"model '{name}' has no layout '{layout}'; layouts: {known}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     m, s = _check_stats("mean", mean), _check_stats("std", std)
@@ -53,9 +71,27 @@ def build_model(name: str, num_classes: int, *, mean: tuple[float, float, float]
         raise ConfigError("give both mean and std for input normalisation, or neither")
     if s is not None and min(s) <= 0:
         raise ConfigError(f"std must be positive, got {std!r}")
-    model = _BUILDERS[name](int(num_classes), m, s)
+    builder = variants[layout] if layout is not None else _BUILDERS[name]
+    model = builder(int(num_classes), m, s)
     model.arch_name = name  # named in load_weights' errors
+    model.layout = layout or next(iter(variants), None)
     return model
+
+
+def _weight_keys(keys: set[str] | Sequence[str]) -> set[str]:
+    # BN counters may be absent (PyTorch < 0.4.1); mean/std are RobustBench's normalisation buffers.
+    return {k for k in keys if not k.endswith("num_batches_tracked")} - {"mean", "std"}
+
+
+def layout_for_keys(name: str, keys: set[str] | Sequence[str]) -> str | None:
+    """The layout of ``name`` whose parameter names are exactly ``keys``, or None (built on the meta device)."""
+    wanted = _weight_keys(keys)
+    for layout in LAYOUTS.get(name, {}):
+        with torch.device("meta"):
+            candidate = build_model(name, 10, layout=layout)
+        if _weight_keys(candidate.state_dict().keys()) == wanted:
+            return layout
+    return None
 
 
 def count_parameters(model: nn.Module) -> int:

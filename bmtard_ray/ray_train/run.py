@@ -99,7 +99,7 @@ def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title
 def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
     """Checks that must pass before anything starts (workers would fail and retry on each)."""
     data = prepare_data(cfg)  # a bad data folder fails here, not on every worker
-    check_given_teachers(cfg, data.info)
+    check_given_teachers(cfg, data.info, data.val)
     n = scaling.num_workers
     if cfg.optim.batch_size % n:
         raise ConfigError(f"optim.batch_size ({cfg.optim.batch_size}) must be divisible by the number of workers ({n})")

@@ -76,7 +76,7 @@ def preflight(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: 
     probe_all(writable_paths(settings, cfg, to_train))  # before anything is removed, trained or written
     data = prepare_data(cfg)            # a missing data folder fails here, before Ray starts
     check_batches(cfg, data, to_train)  # the base config's batches and every teacher still to train
-    check_given_teachers(cfg, data.info)
+    check_given_teachers(cfg, data.info, data.val)
     if cluster.cluster_address(args.address):
         # Joining a cluster starts nothing here, so it happens first: a dead address or a refused token
         # fails in seconds, before any teacher is trained.
