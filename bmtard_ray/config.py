@@ -16,14 +16,11 @@ from typing import Any, get_type_hints
 import yaml
 
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.names import (ATTACK_NAMES, DATASET_NAMES, DEVICES, METHOD_NAMES, MODEL_NAMES,
-                              TEACHER_TRAIN_METHODS)
+from bmtard_ray.names import (ATTACK_NAMES, DATASET_DEFAULTS, DATASET_NAMES, DEVICES, METHOD_NAMES, MODEL_NAMES,
+                              ROBUSTBENCH_MODEL_DIR, TEACHER_TRAIN_METHODS, apply_checkpoint_archs,
+                              check_robustbench_dataset, is_robustbench, robustbench_name)
 
 CONFIG_FORMAT = "bmtard_ray.config/1"  # written at the top of every run's config.yaml
-# Defaults that depend on the dataset, resolved once by build_config after every layer: a key that no preset,
-# config file or override sets takes its value for the run's dataset (datasets not listed keep the field's
-# default); explicit values always win. The released CIFAR-100 code multiplies both losses by 10.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"loss.scale": {"cifar100": 10.0}}
 REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
 ENTROPY_TARGET_MODES = ("absolute", "fraction")
 EBB_MODES = ("step", "solve")
@@ -121,9 +118,8 @@ class OptimConfig:
 class TeacherConfig:
     """A frozen teacher: loaded from ``checkpoint`` or trained once by the toolkit and cached."""
     arch: str = "resnet56"
-    checkpoint: str | None = None    # path, or "pyautoattack" for the wheel's standard ResNet-18
-    # Used when no checkpoint: natural (clean) / sat / trades (robust), at that method's default settings
-    # (the student's method section does not reach the teacher, so every method shares the same teachers).
+    checkpoint: str | None = None    # a path, "pyautoattack" or robustbench:<Name> (see names.ROBUSTBENCH_KNOWN)
+    # Used when no checkpoint: natural (clean) / sat / trades (robust), at that method's defaults (never the student's).
     train_method: str = "natural"
     epochs: int = 30
     lr: float = 0.1
@@ -138,6 +134,7 @@ class TeachersConfig:
     clean: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet56", train_method="natural"))
     robust: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="wrn34_10", train_method="trades"))
     cache_dir: str = ""               # "" = <output_dir>/teachers, so teachers follow --output-dir
+    model_dir: str = ROBUSTBENCH_MODEL_DIR  # robustbench:<Name> is <model_dir>/<dataset>/Linf/<Name>.pt
 
 
 @dataclass
@@ -349,6 +346,9 @@ def build_config(preset: str | None = None, files: list[str | Path] = (), overri
         _apply(cfg, layer)
         explicit |= _leaf_keys(layer)
     apply_dataset_defaults(cfg, explicit)
+    # A preset's teacher arch is a default that a RobustBench name may replace; the user's own is not.
+    user = set().union(*(_leaf_keys(layer) for layer in layers[1 if preset else 0:]))
+    apply_checkpoint_archs(cfg, user)
     validate(cfg)
     return cfg
 
@@ -470,7 +470,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                f"teachers.{role}.train_method must be natural, sat or trades, got '{t.train_method}'")
         _check(t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0,
                f"teachers.{role}: epochs, batch_size and lr must be positive")
-        if t.checkpoint and t.checkpoint != "pyautoattack":
+        if is_robustbench(t.checkpoint):  # resolved when loaded: the file may still be downloaded then
+            robustbench_name(t.checkpoint)
+            check_robustbench_dataset(t.checkpoint, c.data.dataset)
+        elif t.checkpoint and t.checkpoint != "pyautoattack":
             _check(Path(t.checkpoint).is_file(), f"teachers.{role}.checkpoint {t.checkpoint} does not exist")
     v = c.eval
     for a in v.attacks:

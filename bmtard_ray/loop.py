@@ -98,14 +98,15 @@ class Trainer:
                               f"({self.dist.world_size})")
         self.local_batch = o.batch_size // self.dist.world_size
         roles = teacher_roles(cfg.method.name)
-        self.teachers = Teachers(**{r: load_teacher(r, getattr(cfg.teachers, r), info, self.device) for r in roles})
+        self.teachers = Teachers(**{r: load_teacher(r, getattr(cfg.teachers, r), info, self.device,
+                                                    cfg.teachers.model_dir) for r in roles})
         # Black-box attacks are crafted on the robust teacher, also for methods that train without one.
         self.source: nn.Module | None = None
         if any(a.startswith("bb_") for a in cfg.eval.attacks):
             if self.teachers.robust is not None:
                 self.source = self.teachers.robust
             elif cfg.teachers.robust.checkpoint:
-                self.source = load_teacher("robust", cfg.teachers.robust, info, self.device)
+                self.source = load_teacher("robust", cfg.teachers.robust, info, self.device, cfg.teachers.model_dir)
             else:
                 raise ConfigError("black-box attacks (bb_*) need a robust teacher: set teachers.robust.checkpoint "
                                   f"(method {cfg.method.name} does not train with one)")

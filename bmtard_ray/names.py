@@ -6,6 +6,11 @@ Each implementing module asserts that its own table matches the names here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from bmtard_ray.errors import ConfigError
+
 # Training methods, and the frozen teachers each one distils from (REFERENCE §1 and §4).
 METHOD_TEACHERS: dict[str, tuple[str, ...]] = {
     "bmtard": ("clean", "robust"),
@@ -34,3 +39,86 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 def teacher_roles(method: str) -> tuple[str, ...]:
     """The teacher roles ``method`` needs (``()`` for the methods that train without teachers)."""
     return METHOD_TEACHERS[method]
+
+
+# RobustBench model names as checkpoints, ``robustbench:<Name>`` (CIFAR-10/100, L-inf). RobustBench keeps a
+# downloaded model at ``<model_dir>/<dataset>/Linf/<Name>.pt``; bmtard_ray.models.robustbench loads it.
+ROBUSTBENCH_PREFIX = "robustbench:"
+ROBUSTBENCH_THREAT_MODEL = "Linf"
+ROBUSTBENCH_MODEL_DIR = "models"  # robustbench.utils.load_model's default, relative to the working directory
+ROBUSTBENCH_DATASETS: tuple[str, ...] = ("cifar10", "cifar100")  # ours that RobustBench has L-inf models for
+# The statistics RobustBench's DMWideResNet normalises with (robustbench/model_zoo/architectures/dm_wide_resnet.py).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """The architecture (a MODEL_NAMES entry) and input normalisation of a RobustBench model."""
+    arch: str
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+# The names whose architecture the toolkit knows: the paper's robust teachers and their families.
+ROBUSTBENCH_KNOWN: dict[str, dict[str, KnownModel]] = {
+    "cifar10": {
+        # TRADES' WRN-34-10 (the paper's CIFAR-10 robust teacher): WideResNet(34, 10, sub_block1=True), [0, 1] inputs
+        "Zhang2019Theoretically": KnownModel("wrn34_10"),
+        # Gowal et al. 2020, WRN-70-16 (DeepMind layout, Swish)
+        "Gowal2020Uncovering_70_16": KnownModel("wrn70_16", CIFAR10_MEAN, CIFAR10_STD),
+        "Gowal2020Uncovering_70_16_extra": KnownModel("wrn70_16", CIFAR10_MEAN, CIFAR10_STD),
+    },
+    "cifar100": {
+        # the paper's CIFAR-100 robust teacher and its extra-data sibling
+        "Gowal2020Uncovering": KnownModel("wrn70_16", CIFAR100_MEAN, CIFAR100_STD),
+        "Gowal2020Uncovering_extra": KnownModel("wrn70_16", CIFAR100_MEAN, CIFAR100_STD),
+    },
+}
+
+
+def is_robustbench(spec: str | None) -> bool:
+    return bool(spec) and str(spec).startswith(ROBUSTBENCH_PREFIX)
+
+
+def robustbench_name(spec: str) -> str:
+    """The RobustBench name in ``robustbench:<Name>`` (a bare name: no folder, no extension)."""
+    name = spec[len(ROBUSTBENCH_PREFIX):]
+    if not name or "/" in name or "\\" in name or name.endswith(".pt") or name.strip() != name:
+        raise ConfigError(f"'{spec}' is not a RobustBench model name: write robustbench:<Name>, "
+                          f"e.g. robustbench:Zhang2019Theoretically")
+    return name
+
+
+def check_robustbench_dataset(spec: str, dataset: str) -> None:
+    if dataset not in ROBUSTBENCH_DATASETS:
+        raise ConfigError(f"{spec}: RobustBench has no L-inf models for dataset '{dataset}' here "
+                          f"(only {', '.join(ROBUSTBENCH_DATASETS)})")
+
+
+def known_robustbench_model(spec: str, dataset: str) -> KnownModel | None:
+    """The architecture and normalisation of a name this toolkit knows, else None."""
+    return ROBUSTBENCH_KNOWN.get(dataset, {}).get(robustbench_name(spec))
+
+
+def apply_checkpoint_archs(cfg: Any, explicit: set[str]) -> Any:
+    """A teacher checkpoint that names its architecture (a name in ``ROBUSTBENCH_KNOWN``) sets
+    ``teachers.<role>.arch`` of the RunConfig ``cfg`` (in place); an explicitly given arch that contradicts it
+    is an error."""
+    for role in ("clean", "robust"):
+        tc = getattr(cfg.teachers, role)
+        known = known_robustbench_model(tc.checkpoint, cfg.data.dataset) if is_robustbench(tc.checkpoint) else None
+        if known is None:
+            continue
+        key = f"teachers.{role}.arch"
+        if key in explicit and tc.arch != known.arch:
+            raise ConfigError(f"teachers.{role}.checkpoint {tc.checkpoint} is a '{known.arch}' model; "
+                              f"{key}={tc.arch} contradicts it")
+        tc.arch = known.arch
+    return cfg
+
+
+# Defaults that depend on the dataset, resolved once by config.build_config after every layer: a key that no
+# preset, config file or override sets takes its value for the run's dataset (datasets not listed keep the
+# field's default); explicit values always win. The released CIFAR-100 code multiplies both losses by 10.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"loss.scale": {"cifar100": 10.0}}

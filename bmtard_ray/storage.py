@@ -16,6 +16,7 @@ import yaml
 from bmtard_ray import io
 from bmtard_ray.config import CONFIG_FORMAT, RunConfig, from_dict, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.names import is_robustbench
 
 CHECKPOINT_FILE = "checkpoint.pt"          # one full training state (ours, local or inside a Ray checkpoint)
 CHECKPOINT_FORMAT = "bmtard_ray.checkpoint/1"
@@ -33,11 +34,14 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     out = from_dict(to_dict(cfg))
 
     def fix(p: str | None) -> str | None:
-        return p if not p or is_uri(p) or p == "pyautoattack" else str(Path(p).expanduser().resolve())
+        if not p or is_uri(p) or p == "pyautoattack" or is_robustbench(p):  # names, not paths
+            return p
+        return str(Path(p).expanduser().resolve())
 
     out.data.root = fix(out.data.root)
     out.output_dir = fix(out.output_dir)
     out.teachers.cache_dir = fix(out.teachers.cache_dir)
+    out.teachers.model_dir = fix(out.teachers.model_dir)
     for role in ("clean", "robust"):
         tc = getattr(out.teachers, role)
         tc.checkpoint = fix(tc.checkpoint)

@@ -29,7 +29,7 @@ from bmtard_ray.device import select_device
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.probe import chance_warning, probe_accuracy
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, load_model
-from bmtard_ray.names import teacher_roles
+from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR, teacher_roles
 
 # Runs a training config to completion; must leave <output_dir>/<name>/model.pt behind.
 RunFn = Callable[[RunConfig], object]
@@ -53,14 +53,16 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
-    """Build a frozen teacher from its checkpoint (ours, a public one, or the pyautoattack ResNet-18)."""
+def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device,
+                 model_dir: str = ROBUSTBENCH_MODEL_DIR) -> nn.Module:
+    """Build a frozen teacher from its checkpoint (ours, a public one, the pyautoattack ResNet-18, or a
+    RobustBench name looked up under ``model_dir``)."""
     if not tc.checkpoint:
         raise ConfigError(f"no checkpoint for the {role} teacher: run through run_train.py (which trains and caches "
                           f"the teachers) or set teachers.{role}.checkpoint")
     # One loader for every model file: our own format carries its architecture and normalisation.
     loaded = load_model(tc.checkpoint, None if tc.checkpoint == PYAUTOATTACK else tc.arch, info.num_classes,
-                        dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher")
+                        dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher", model_dir=model_dir)
     return freeze(loaded.model.to(device))
 
 
@@ -79,7 +81,7 @@ def check_given_teachers(cfg: RunConfig, info: DatasetInfo, probe: Split | None 
         tc: TeacherConfig = getattr(cfg.teachers, role)
         if not tc.checkpoint:
             continue
-        teacher = load_teacher(role, tc, info, torch.device("cpu"))
+        teacher = load_teacher(role, tc, info, torch.device("cpu"), cfg.teachers.model_dir)
         if probe is None or len(probe) == 0:
             continue
         device = select_device(cfg.device)

@@ -25,7 +25,8 @@ from bmtard_ray.evaluation.core import check_attacks, evaluate
 from bmtard_ray.evaluation.probe import chance_warning
 from bmtard_ray.evaluation.report import print_table, write_reports
 from bmtard_ray.models.checkpoint import PYAUTOATTACK, inspect_checkpoint, load_model
-from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, DATASET_NAMES, DEVICES, MODEL_NAMES
+from bmtard_ray.names import (ATTACK_NAMES, BLACK_BOX, DATASET_NAMES, DEVICES, MODEL_NAMES, ROBUSTBENCH_MODEL_DIR,
+                              is_robustbench)
 from bmtard_ray.preflight import probe_writable
 
 
@@ -66,8 +67,11 @@ def _stats(text: str | None, flag: str) -> tuple[float, ...] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_eval.py", description="Evaluate a checkpoint under the attacks of the "
                                 "B-MTARD paper and write JSON / Markdown / Parquet reports.")
-    p.add_argument("checkpoint", help=f"model file (ours or a public state dict), or '{PYAUTOATTACK}' for the "
-                   "standard CIFAR-10 ResNet-18 shipped with pyautoattack")
+    p.add_argument("checkpoint", help=f"model file (ours or a public state dict), '{PYAUTOATTACK}' for the "
+                   "standard CIFAR-10 ResNet-18 shipped with pyautoattack, or robustbench:<Name> (a RobustBench "
+                   "L-inf model under --model-dir)")
+    p.add_argument("--model-dir", default=ROBUSTBENCH_MODEL_DIR, help="RobustBench's model folder, holding "
+                   f"<dataset>/Linf/<Name>.pt (default: {ROBUSTBENCH_MODEL_DIR})")
     p.add_argument("--arch", choices=MODEL_NAMES, help="architecture (needed for public checkpoints)")
     p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's dataset, else cifar10")
     p.add_argument("--data-root", default="data", help="folder holding the dataset (default: data)")
@@ -124,19 +128,21 @@ def run(args: argparse.Namespace) -> int:
     mean, std = _stats(args.mean, "--mean"), _stats(args.std, "--std")
 
     # The checkpoint first (cheap and the likeliest to be wrong), then the data.
-    found = inspect_checkpoint(args.checkpoint)
-    path, record = found.path, found.record
-    # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
-    out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
-    probe_writable(out, "report folder")  # before the evaluation, not after it
+    # A RobustBench name is no file until resolved under --model-dir (for the dataset given, else CIFAR-10).
+    found = None if is_robustbench(args.checkpoint) else inspect_checkpoint(args.checkpoint)
+    record = found.record if found is not None else None
     dataset = args.dataset or (record or {}).get("dataset") or "cifar10"
     info = dataset_info(dataset)
     loaded = load_model(args.checkpoint, args.arch, info.num_classes, dataset=dataset, mean=mean, std=std,
-                        inspected=found)
+                        inspected=found, model_dir=args.model_dir)
+    path = loaded.path
+    # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
+    out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
+    probe_writable(out, "report folder")  # before the evaluation, not after it
     source = None
     if wants_source:
         source = load_model(args.source_checkpoint, args.source_arch, info.num_classes, dataset=dataset,
-                            role="source checkpoint")
+                            role="source checkpoint", model_dir=args.model_dir)
 
     train, test, _ = load_dataset(dataset, args.data_root)
     split_meta: dict[str, Any] = {"split": args.split}

@@ -19,9 +19,10 @@ import torch.nn as nn
 
 from bmtard_ray.config import RunConfig, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.models.robustbench import RobustBenchModel, resolve_robustbench
 from bmtard_ray.models.small import InputNormalization
 from bmtard_ray.models.zoo import LAYOUTS, build_model, layout_for_keys
-from bmtard_ray.names import MODEL_NAMES
+from bmtard_ray.names import MODEL_NAMES, ROBUSTBENCH_MODEL_DIR, is_robustbench
 
 if TYPE_CHECKING:
     from bmtard_ray.data import DatasetInfo
@@ -334,14 +335,29 @@ def load_pretrained(name: str, num_classes: int, path: str | os.PathLike, *,
     return model
 
 
+def _arch_flag(role: str) -> str:
+    """How the user names the architecture of ``role``: a run_eval flag or a teacher's config key."""
+    if role.endswith(" teacher"):
+        return f"teachers.{role.split()[0]}.arch"
+    return "--arch" if role == "checkpoint" else "--source-arch"
+
+
 def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
                mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-               role: str = "checkpoint", inspected: Inspected | None = None) -> LoadedModel:
+               role: str = "checkpoint", inspected: Inspected | None = None,
+               model_dir: str | os.PathLike = ROBUSTBENCH_MODEL_DIR) -> LoadedModel:
     """Build the architecture (in the layout the file's keys say) and load the weights strictly (one-line
-    CheckpointError otherwise)."""
+    CheckpointError otherwise). ``robustbench:<Name>`` is looked up under ``model_dir`` (models.robustbench)."""
+    flag = _arch_flag(role)
+    if is_robustbench(spec):
+        found_rb = resolve_robustbench(spec, arch, dataset=dataset, model_dir=model_dir, mean=mean, std=std,
+                                       arch_flag=flag)
+        if isinstance(found_rb, RobustBenchModel):
+            return LoadedModel(found_rb.model, found_rb.arch, found_rb.path, None)
+        model = load_pretrained(found_rb.arch, num_classes, found_rb.path, mean=found_rb.mean, std=found_rb.std)
+        return LoadedModel(model, found_rb.arch, found_rb.path, None)
     found = inspected if inspected is not None else inspect_checkpoint(spec)
     path, record = found.path, found.record
-    flag = "--arch" if role == "checkpoint" else "--source-arch"
     if record is not None:  # our own file: it says what it is
         if arch is not None and arch != record["arch"]:
             raise ConfigError(f"{role} {path} is a '{record['arch']}' model; {flag} {arch} contradicts it")

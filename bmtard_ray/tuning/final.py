@@ -77,7 +77,7 @@ def evaluate_best(record: TrialRecord, settings: TuneSettings, out: Path, consol
     attacks = tuple(settings.final_attacks) or suite(cfg, device)
     source = None
     if any(a in evaluation.BLACK_BOX for a in attacks):
-        source = load_teacher("robust", cfg.teachers.robust, data.info, device)
+        source = load_teacher("robust", cfg.teachers.robust, data.info, device, cfg.teachers.model_dir)
     ec = cfg.eval
     n_examples = settings.final_examples or ec.n_examples
     eval_cfg = EvalConfig(attacks=attacks, eps=ec.eps, n_examples=n_examples, batch_size=ec.batch_size, seed=ec.seed,
