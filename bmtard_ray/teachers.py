@@ -28,7 +28,7 @@ from bmtard_ray.data import DatasetInfo, Split
 from bmtard_ray.device import select_device
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.probe import chance_warning, probe_accuracy
-from bmtard_ray.models.checkpoint import PYAUTOATTACK, load_model
+from bmtard_ray.models.checkpoint import PYAUTOATTACK, LoadedModel, load_model
 from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR, teacher_roles
 
 # Runs a training config to completion; must leave <output_dir>/<name>/model.pt behind.
@@ -53,17 +53,21 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device,
-                 model_dir: str = ROBUSTBENCH_MODEL_DIR) -> nn.Module:
-    """Build a frozen teacher from its checkpoint (ours, a public one, the pyautoattack ResNet-18, or a
-    RobustBench name looked up under ``model_dir``)."""
+def _load_teacher_file(role: str, tc: TeacherConfig, info: DatasetInfo, model_dir: str) -> LoadedModel:
+    """The teacher's checkpoint (ours, a public one, the pyautoattack ResNet-18, or a RobustBench name looked
+    up under ``model_dir``), loaded on the CPU."""
     if not tc.checkpoint:
         raise ConfigError(f"no checkpoint for the {role} teacher: run through run_train.py (which trains and caches "
                           f"the teachers) or set teachers.{role}.checkpoint")
     # One loader for every model file: our own format carries its architecture and normalisation.
-    loaded = load_model(tc.checkpoint, None if tc.checkpoint == PYAUTOATTACK else tc.arch, info.num_classes,
-                        dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher", model_dir=model_dir)
-    return freeze(loaded.model.to(device))
+    return load_model(tc.checkpoint, None if tc.checkpoint == PYAUTOATTACK else tc.arch, info.num_classes,
+                      dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher", model_dir=model_dir)
+
+
+def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device,
+                 model_dir: str = ROBUSTBENCH_MODEL_DIR) -> nn.Module:
+    """A frozen teacher on ``device`` from its checkpoint (see _load_teacher_file)."""
+    return freeze(_load_teacher_file(role, tc, info, model_dir).model.to(device))
 
 
 def _warn(message: str) -> None:
@@ -74,18 +78,19 @@ def check_given_teachers(cfg: RunConfig, info: DatasetInfo, probe: Split | None 
                          warn: Callable[[str], None] = _warn) -> None:
     """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained.
 
-    With ``probe`` (the validation split), each is also run on a few hundred of its images, and a teacher near
-    chance gets a warning: strict loading checks the layout, not the input normalisation the weights expect.
+    With ``probe`` (the validation split), each public one is also run on a few hundred of its images, and a
+    teacher near chance gets a warning: strict loading checks the layout, not the input normalisation the
+    weights expect (our own model files record theirs).
     """
     for role in teacher_roles(cfg.method.name):
         tc: TeacherConfig = getattr(cfg.teachers, role)
         if not tc.checkpoint:
             continue
-        teacher = load_teacher(role, tc, info, torch.device("cpu"), cfg.teachers.model_dir)
-        if probe is None or len(probe) == 0:
+        loaded = _load_teacher_file(role, tc, info, cfg.teachers.model_dir)
+        if probe is None or len(probe) == 0 or loaded.record is not None:
             continue
         device = select_device(cfg.device)
-        accuracy, n = probe_accuracy(teacher.to(device), probe, device)
+        accuracy, n = probe_accuracy(loaded.model.to(device), probe, device)
         hint = (f"set teachers.{role}.mean/std if it was trained on normalised inputs, or leave them unset if "
                 f"it was not (run_eval.py: --mean/--std)")
         message = chance_warning(f"the {role} teacher {tc.checkpoint}", accuracy, n, info.num_classes, hint)

@@ -202,3 +202,10 @@ def test_loading_teachers_probes_them_and_warns_only_for_the_one_near_chance(
     # Without a split to probe on, loading still checks the files but claims nothing.
     check_given_teachers(cfg, data.info, warn=warnings.append)
     assert len(warnings) == 1
+    # Our own model files record their normalisation: a weak one is not suspected of a wrong one.
+    record = {"format": "bmtard_ray.model/1", "arch": "tiny_cnn", "num_classes": 10, "dataset": "cifar10",
+              "mean": None, "std": None, "state_dict": build_model("tiny_cnn", 10).state_dict(), "config": {}}
+    torch.save(record, tmp_path / "ours.pt")
+    cfg.teachers.robust.checkpoint = str(tmp_path / "ours.pt")
+    check_given_teachers(cfg, data.info, data.val, warn=warnings.append)
+    assert len(warnings) == 1

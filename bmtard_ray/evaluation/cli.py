@@ -158,9 +158,8 @@ def run(args: argparse.Namespace) -> int:
     source_model = source.model.to(device) if source is not None else None
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     result = evaluate(model, split, cfg, device=device, source_model=source_model, progress=progress)
-    if "clean" in result.accuracy:
-        hint = ("pass --mean/--std if it was trained on normalised inputs, or leave them out if it was not"
-                if record is None else "check the model file")
+    if "clean" in result.accuracy and record is None:  # our own files record their normalisation
+        hint = "pass --mean/--std if it was trained on normalised inputs, or leave them out if it was not"
         warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, info.num_classes, hint,
                                  split="test" if args.split == "test" else "validation")
         if warning:
