@@ -158,7 +158,7 @@ def copy_run(run: Path, tmp: Path) -> Path:
     (["--set", "data.train_subset=128"], "data.train_subset cannot change"),
     (["--set", "teachers.robust.epochs=3"], "teachers.robust.epochs cannot change"),
     (["--set", "loss.scale=10"], "loss.scale cannot change"),
-    (["--set", "optim.milestones=[1]"], "optim.milestones cannot change"),
+    (["--set", "optim.milestones=[5]"], "optim.milestones cannot change"),  # the preset has [1]
     (["--name", "other"], "name cannot change"),
     (["--preset", "smoke"], "--preset cannot be combined with --resume"),
     (["--config", "x.yaml"], "--config cannot be combined with --resume"),
