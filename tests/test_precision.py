@@ -1,7 +1,7 @@
 """Issue 6, what a CPU can check: the fast path's bf16 autocast keeps B-MTARD's losses and EBB/NLB
 trajectories close to the fp32 path's over a few hundred steps.
 
-On GPUs the fast path runs the attack and both training passes under bf16 autocast (loop.autocast_for);
+On GPUs the fast path runs the attack and both training passes under bf16 autocast (device.autocast_for);
 the engine takes that context as an argument, so the same engine runs here under CPU bf16 autocast. The
 check is on the *trajectories* (tau, w, L_adv, L_nat), which is what could silently drift: EBB takes the
 sign of an entropy difference every step, and NLB's weights integrate loss ratios.
