@@ -287,15 +287,22 @@ def _traj(world: int, cfg: RunConfig, out: Path, all_reduce: bool = True) -> lis
     return [torch.load(out / f"trace-{world}-{int(all_reduce)}-{r}.pt", weights_only=True) for r in range(world)]
 
 
-@pytest.mark.slow
-def test_two_workers_with_half_batches_follow_the_single_worker_tau_w_trajectory(tmp_path: Path, cifar_root: Path) -> None:
-    cfg = smoke(tmp_path, cifar_root, tmp_path / "teachers", "data.train_subset=1024", "optim.epochs=2", "optim.milestones=[100]", "val_every=0", "checkpoint_every=0")
+def _trajectories(tmp_path: Path, cifar_root: Path, *overrides: str) -> tuple[Any, list[Any], list[Any], dict[str, int]]:
+    """64 iterations of the smoke B-MTARD run at 1 worker, 2 workers, and 2 workers without the all-reduce;
+    with the trace's column index."""
+    cfg = smoke(tmp_path, cifar_root, tmp_path / "teachers", "data.train_subset=1024", "optim.epochs=2",
+                "optim.milestones=[100]", "val_every=0", "checkpoint_every=0", *overrides)
     cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=QUIET))
     (one,) = _traj(1, cfg, tmp_path)
     two = _traj(2, cfg, tmp_path)
     loose = _traj(2, cfg, tmp_path, all_reduce=False)
     assert one.shape == two[0].shape == (64, len(TRACE_COLUMNS))
-    col = {name: TRACE_COLUMNS.index(name) for name in TRACE_COLUMNS}
+    return one, two, loose, {name: TRACE_COLUMNS.index(name) for name in TRACE_COLUMNS}
+
+
+@pytest.mark.slow
+def test_two_workers_with_half_batches_follow_the_single_worker_tau_w_trajectory(tmp_path: Path, cifar_root: Path) -> None:
+    one, two, loose, col = _trajectories(tmp_path, cifar_root)
     # Every rank holds the same temperatures and weights (and the global-batch statistics), bit for bit.
     assert torch.equal(two[0][:, 2:], two[1][:, 2:])
     for name, tol in (("tau_adv", TRAJ_TAU_TOL), ("tau_nat", TRAJ_TAU_TOL), ("w_adv", TRAJ_W_TOL), ("w_nat", TRAJ_W_TOL)):
@@ -320,14 +327,7 @@ SOLVE_TAU_TOL = 1e-2
 
 @pytest.mark.slow
 def test_two_workers_with_half_batches_follow_the_single_worker_solved_trajectory(tmp_path: Path, cifar_root: Path) -> None:
-    cfg = smoke(tmp_path, cifar_root, tmp_path / "teachers", "data.train_subset=1024", "optim.epochs=2",
-                "optim.milestones=[100]", "val_every=0", "checkpoint_every=0", "ebb.mode=solve")
-    cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=QUIET))
-    (one,) = _traj(1, cfg, tmp_path)
-    two = _traj(2, cfg, tmp_path)
-    loose = _traj(2, cfg, tmp_path, all_reduce=False)
-    assert one.shape == two[0].shape == (64, len(TRACE_COLUMNS))
-    col = {name: TRACE_COLUMNS.index(name) for name in TRACE_COLUMNS}
+    one, two, loose, col = _trajectories(tmp_path, cifar_root, "ebb.mode=solve")
     taus = [col["tau_adv"], col["tau_nat"]]
     assert torch.equal(two[0][:, 2:], two[1][:, 2:])  # every rank solved the same global batch to the same bits
     diff = (one[:, taus] - two[0][:, taus]).abs().max().item()
