@@ -156,7 +156,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     student: str = "resnet18"
-    fast: bool = True                # bf16 autocast + channels_last on GPU (no effect on CPU)
+    fast: bool = True                # channels_last (CPU and GPU) + bf16 autocast (GPU only)
     compile: bool = False            # torch.compile the student and teachers (GPU)
     sync_every_step: bool = False    # reference mode: .item() every step like the released code
     val_every: int = 1               # validate (clean + headline attack) every N epochs; 0 = only at end

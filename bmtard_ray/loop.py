@@ -110,9 +110,13 @@ class Trainer:
             else:
                 raise ConfigError("black-box attacks (bb_*) need a robust teacher: set teachers.robust.checkpoint "
                                   f"(method {cfg.method.name} does not train with one)")
+        # fast: bf16 autocast on CUDA only (CPU autocast is slower than fp32 here), channels_last everywhere:
+        # oneDNN's CPU convolutions and max-pooling are NHWC-native, so NCHW costs reorders and a slow pooling
+        # kernel (BENCHMARKS.md, "The CPU path": 1.6x on the cpu preset's step).
         self.fast = cfg.fast and self.device.type == "cuda"
+        self.channels_last = cfg.fast
         self.student = build_model(cfg.student, info.num_classes).to(self.device)
-        if self.fast:
+        if self.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             for t in (self.teachers.clean, self.teachers.robust):
                 if t is not None:
@@ -143,7 +147,7 @@ class Trainer:
                                          world_size=self.dist.world_size)
         return BatchLoader(self.data.train, self.local_batch, shuffle=True, augment=d.augment, device=self.device,
                            seed=self.cfg.seed, drop_last=True, rank=self.dist.rank, world_size=self.dist.world_size,
-                           channels_last=self.fast)
+                           channels_last=self.channels_last)
 
     # --- checkpoint state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
