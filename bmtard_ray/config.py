@@ -161,7 +161,8 @@ class RunConfig:
     sync_every_step: bool = False    # reference mode: .item() every step like the released code
     val_every: int = 1               # validate (clean + headline attack) every N epochs; 0 = only at end
     val_examples: int | None = 1000  # validation subset used during training
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1        # checkpoint every N epochs (and after the last)
+    checkpoint_every_iters: int = 0  # also every N iterations inside an epoch (0 = off): what a restart redoes
     trace: bool = True               # per-iteration balance trace (Parquet)
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -483,7 +484,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(_finite(v.eps) and v.eps >= 0, f"eval.eps must be >= 0, got {v.eps}")
     _check(v.batch_size >= 1, f"eval.batch_size must be >= 1, got {v.batch_size}")
     _check(v.n_examples is None or v.n_examples > 0, f"eval.n_examples must be positive or null, got {v.n_examples}")
-    _check(c.val_every >= 0 and c.checkpoint_every >= 0, "val_every and checkpoint_every must be >= 0")
+    _check(min(c.val_every, c.checkpoint_every, c.checkpoint_every_iters) >= 0, "val_every and checkpoint_every(_iters) must be >= 0")
     _check(c.val_examples is None or c.val_examples > 0, f"val_examples must be positive or null, got {c.val_examples}")
     if c.val_every and c.data.val_size == 0:
         raise ConfigError("val_every > 0 needs a validation split: set data.val_size > 0 (or val_every=0)")

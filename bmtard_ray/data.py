@@ -24,6 +24,7 @@ from torch import Tensor
 # augment_batch and crop_params are re-exported: the augmentation was part of this module before.
 from bmtard_ray.augment import CROP_PADDING, augment_batch, crop_flip, crop_params, epoch_crop_params  # noqa: F401
 from bmtard_ray.config import RunConfig
+from bmtard_ray.dist import shard_range
 from bmtard_ray.errors import ConfigError, DataError
 from bmtard_ray.names import DATASET_NAMES
 
@@ -324,11 +325,14 @@ class BatchLoader:
     """Batches ``(x, y)`` from a split held on ``device`` as uint8, shuffled and augmented there.
 
     ``x`` is ``dtype`` (float32 by default) in [0, 1], NCHW (channels_last memory format on request); ``y``
-    is int64. The epoch's permutation comes from a CPU generator seeded with (seed, epoch), identical on
-    every rank; rank r takes every world_size-th index of it, so the ranks together see the global epoch.
-    Every rank gets the same number of batches: with ``drop_last`` the tail that does not fill a whole
-    batch on every rank is dropped, otherwise the permutation is padded by wrap-around to a multiple of
-    world_size (a few examples then appear twice) and the last batch may be short.
+    is int64. ``batch_size`` is the GLOBAL batch. What global batch k of an epoch holds does not depend on
+    the world size: the epoch's permutation comes from a CPU generator seeded with (seed, epoch) and its
+    crops and flips are drawn per global batch from another seeded with (seed, epoch); rank r then takes
+    its contiguous slice of every global batch (:func:`~bmtard_ray.dist.shard_range`: the remainder of an
+    uneven split goes to the lowest ranks). So 1, 2 or 3 workers see the same images, augmented alike,
+    and a run can change its world size between checkpoints (elastic runs) without changing its data.
+    With ``drop_last`` the tail that does not fill a global batch is dropped; otherwise the last global
+    batch is short (and split by the same rule).
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, augment: bool,
@@ -338,6 +342,8 @@ class BatchLoader:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
+        if batch_size < world_size:
+            raise ConfigError(f"the global batch ({batch_size}) is smaller than the number of workers ({world_size})")
         if not dtype.is_floating_point:
             raise ConfigError(f"loader dtype must be a floating point type, got {dtype}")
         self.device = torch.device(device)
@@ -348,52 +354,63 @@ class BatchLoader:
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.channels_last, self.dtype = channels_last, dtype
         self.epoch = 0
+        self.start_batch = 0  # the next epoch's iteration starts at this global batch (a mid-epoch restore)
         n = len(split)
-        if drop_last:
-            self.num_batches = n // world_size // batch_size
-            self.per_rank = self.num_batches * batch_size
-        else:
-            self.per_rank = -(-n // world_size)
-            self.num_batches = -(-self.per_rank // batch_size)
-        self.num_examples = self.per_rank
+        self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
+        self.global_examples = self.num_batches * batch_size if drop_last else n
+        self.num_examples = sum(self.batch_rows(k)[1] - self.batch_rows(k)[0] for k in range(self.num_batches))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to iterate next, from global batch ``start_batch`` (a run restored mid-epoch)."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start batch {start_batch} is outside the epoch's {self.num_batches} batches")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def indices(self) -> Tensor:
-        """This rank's example indices for the current epoch, in order (on the CPU)."""
+    def global_size(self, k: int) -> int:
+        """Rows in global batch ``k`` of an epoch."""
+        return min(self.batch_size, self.global_examples - k * self.batch_size)
+
+    def batch_rows(self, k: int) -> tuple[int, int]:
+        """This rank's rows ``[start, stop)`` of global batch ``k`` (positions within that batch)."""
+        return shard_range(self.global_size(k), self.world_size, self.rank)
+
+    def order(self) -> Tensor:
+        """The epoch's global example order (on the CPU), identical on every rank."""
         n = len(self.labels)
         if self.shuffle:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch)))
-        else:
-            perm = torch.arange(n)
-        total = self.per_rank * self.world_size
-        if total > n:  # pad by wrap-around so that every rank gets the same count
-            perm = perm[torch.arange(total) % n]
-        return perm[:total][self.rank::self.world_size]
+            return torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch)))
+        return torch.arange(n)
+
+    def indices(self) -> Tensor:
+        """This rank's example indices for the current epoch, in order (on the CPU)."""
+        order, bs = self.order(), self.batch_size
+        return torch.cat([order[k * bs + a:k * bs + b] for k in range(self.num_batches)
+                          for a, b in [self.batch_rows(k)]] or [order[:0]])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        idx = self.indices().to(self.device)
+        order = self.order().to(self.device)
         bs = self.batch_size
         crops = None
         if self.augment:
-            # Per rank and epoch, so that a resumed run redraws the same crops and ranks draw different ones;
-            # a CPU generator, so that the same seed gives the same crops on the CPU and on a GPU.
-            gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
-            sizes = [min(bs, len(idx) - b * bs) for b in range(self.num_batches)]
-            crops = epoch_crop_params(gen, sizes, self.device)
+            # Per epoch and global batch, from a CPU generator: the same crops for every world size and on
+            # the CPU and a GPU. (The mix keeps the stream rank 0 drew before batches became global, so a
+            # 1-worker run computes what it computed then.)
+            gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0, 1))
+            crops = epoch_crop_params(gen, [self.global_size(k) for k in range(self.num_batches)], self.device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for b in range(self.num_batches):
-            sel = idx[b * bs:(b + 1) * bs]
+        for k in range(self.start_batch, self.num_batches):
+            a, b = self.batch_rows(k)
+            sel = order[k * bs + a:k * bs + b]
             x = self.images[sel]
             if crops is not None:  # on uint8: a quarter of the bytes a float crop would move
-                dx, dy, flip = crops[:, b * bs:b * bs + len(sel)]
+                dx, dy, flip = crops[:, k * bs + a:k * bs + b]
                 x = crop_flip(x, dx, dy, flip.bool())
             x = x.to(dtype=self.dtype, memory_format=memory_format).div_(255)
             yield x, self.labels[sel]
+        self.start_batch = 0  # a restored epoch starts mid-way once
 
 
 class _ReferenceDataset(torch.utils.data.Dataset):

@@ -8,6 +8,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def shard_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows ``[start, stop)`` of a global batch of ``total`` rows: contiguous slices in rank
+    order, ``total // world_size`` rows each, and one more for each of the lowest ``total % world_size`` ranks
+    (32 rows on 3 ranks: 11, 11, 10). The rule every rank and every world size agrees on."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 def local_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """The single-process form of :meth:`DistContext.all_gather_rows`: the rows themselves, all real."""
     return t, torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
@@ -25,13 +34,23 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_mean(self, t: Tensor) -> Tensor:
-        """Mean over ranks of a tensor; asynchronous on GPU (no host sync)."""
+    def all_reduce_mean(self, t: Tensor, weight: Tensor | float | None = None) -> Tensor:
+        """Mean over ranks of a tensor; asynchronous on GPU (no host sync).
+
+        With ``weight`` (this rank's example count, a scalar or one per row of ``t``), the weighted mean
+        ``sum_r w_r t_r / sum_r w_r``: the global-batch mean of per-example means when shards are uneven (a
+        plain mean of per-rank means would over-weight the smaller shards)."""
         if self.world_size == 1:
             return t
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t / self.world_size
+        if weight is None:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t / self.world_size
+        w = torch.as_tensor(weight, dtype=t.dtype, device=t.device)
+        w = w.reshape(w.shape + (1,) * (t.dim() - w.dim())).expand_as(t)
+        both = torch.stack([t * w, w.clone()])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        return both[0] / both[1]
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         if self.world_size == 1:

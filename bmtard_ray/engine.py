@@ -31,12 +31,13 @@ STAT_NAMES = ("loss", "L_adv", "L_nat", "H_adv", "H_nat", "tau_adv", "tau_nat", 
 # Per-iteration counts, summed over the epoch and across workers by the loop.
 COUNT_NAMES = ("correct_adv", "correct_nat", "seen_adv", "seen_nat", "n")
 
-ReduceFn = Callable[[Tensor], Tensor]
+# (tensor, this rank's example count) -> the count-weighted mean over ranks; see DistContext.all_reduce_mean.
+ReduceFn = Callable[[Tensor, Tensor], Tensor]
 # Local (n, C) rows -> the global batch's rows (padded) and a mask of the real ones; see DistContext.all_gather_rows.
 GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-def _identity(t: Tensor) -> Tensor:
+def _identity(t: Tensor, weight: Tensor | None = None) -> Tensor:
     return t
 
 
@@ -80,6 +81,9 @@ class Task(ABC):
         self.reduce_mean = reduce_mean
         self.gather_rows = gather_rows
         self.autocast = autocast
+        # Where this rank's batch sits in the global batch (set by the loop before each step in data-parallel
+        # training): the attacks draw the global batch's random start and keep these rows.
+        self.shard: attacks.Shard | None = None
         for role in self.needs:
             if getattr(teachers, role) is None:
                 raise ValueError(f"method {self.name} needs a {role} teacher")
@@ -97,7 +101,7 @@ class Task(ABC):
         a = self.cfg.attack
         with self.autocast():
             return attacks.pgd_ce(self.raw, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, start=start,
-                                  init_std=a.init_std)
+                                  init_std=a.init_std, shard=self.shard)
 
     # --- interface -----------------------------------------------------------------------------------
     @abstractmethod
@@ -150,8 +154,10 @@ class BMTARD(Task):
         l_adv, p_adv = distill_kl(t_adv, s_adv, tau[0], reduction=lc.reduction, log_eps=lc.log_eps)
         l_nat, p_nat = distill_kl(t_nat, s_nat, tau[1], reduction=lc.reduction, log_eps=lc.log_eps)
         l_adv, l_nat = l_adv * lc.scale, l_nat * lc.scale
-        # Global-batch statistics: one all-reduce so every rank takes the same balance step.
-        stats = self.reduce_mean(torch.stack([l_adv.detach(), l_nat.detach(), mean_entropy(p_adv), mean_entropy(p_nat)]))
+        # Global-batch statistics: one all-reduce so every rank takes the same balance step, each rank's means
+        # weighted by its example count (uneven shards).
+        stats = self.reduce_mean(torch.stack([l_adv.detach(), l_nat.detach(), mean_entropy(p_adv), mean_entropy(p_nat)]),
+                                 torch.full((), float(y.shape[0]), device=y.device))
         # 4. EBB step mode (affects the next iteration; a no-op in solve mode). 5. NLB (its new weights are used now).
         self.ebb.step(stats[2], stats[3])
         self.nlb.step(stats[0], stats[1])
@@ -221,7 +227,7 @@ class TRADES(Task):
         a, m = self.cfg.attack, self.cfg.method
         with self.autocast():
             x_adv = attacks.pgd_trades(self.raw, x, eps=a.eps, step_size=m.trades_step_size, steps=a.steps,
-                                       init_std=a.init_std)
+                                       init_std=a.init_std, shard=self.shard)
         self.model.train()
         with self.autocast():
             s_nat = self.model(x)
@@ -269,7 +275,7 @@ class RSLAD(Task):
         p = F.softmax(t_nat.float(), dim=1)
         with self.autocast():
             x_adv = attacks.pgd_soft_label(self.raw, x, p, eps=a.eps, step_size=a.step_size, steps=a.steps,
-                                           init_std=a.init_std)
+                                           init_std=a.init_std, shard=self.shard)
         self.model.train()
         with self.autocast():
             s_adv = self.model(x_adv)

@@ -36,6 +36,9 @@ from bmtard_ray.teachers import load_teacher
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 EpochLogger = Callable[[dict[str, Any]], None]
+# Called on every rank after every iteration; True = checkpoint now (e.g. a preemption notice). Every rank
+# must return the same answer (the checkpoint's statistics are all-reduced).
+CheckpointNow = Callable[[], bool]
 
 TRACE_COLUMNS = ("iteration", "epoch") + STAT_NAMES
 
@@ -56,10 +59,26 @@ def schedule_factor(epoch: int, milestones: tuple[int, ...], gamma: float) -> fl
 
 
 @dataclass
+class PartialEpoch:
+    """The part of epoch ``epoch`` done before a mid-epoch checkpoint: its first ``batches`` global batches'
+    statistics (global, one row each, STAT_NAMES), counts (summed over ranks, COUNT_NAMES) and seconds."""
+    epoch: int
+    batches: int
+    stats: Tensor
+    counts: Tensor
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "stats": self.stats, "counts": self.counts,
+                "seconds": self.seconds}
+
+
+@dataclass
 class TrainState:
     epoch: int = 0                                   # epochs completed
     history: list[dict[str, Any]] = field(default_factory=list)
     trace: list[Tensor] = field(default_factory=list)  # one (iters, len(TRACE_COLUMNS)) CPU tensor per epoch
+    partial: PartialEpoch | None = None              # epoch + 1, begun (restored from a mid-epoch checkpoint)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -81,7 +100,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, data: DataBundle | None = None, device: torch.device | None = None,
                  dist: DistContext | None = None, report: Reporter | None = None,
-                 log: EpochLogger | None = None, compile_backend: str = "inductor") -> None:
+                 log: EpochLogger | None = None, compile_backend: str = "inductor",
+                 checkpoint_now: CheckpointNow | None = None) -> None:
         # compile_backend: torch.compile's backend when cfg.compile (benchmarks and the device check's dry
         # run pass "aot_eager", which traces the same graphs without generating code).
         self.cfg = cfg
@@ -89,14 +109,19 @@ class Trainer:
         self.device = device or select_device(cfg.device)
         self.report = report
         self.log = log
+        self.checkpoint_now = checkpoint_now
         seed_everything(cfg.seed)
         self.data = data or prepare_data(cfg)
         info = self.data.info
         o = cfg.optim
-        if o.batch_size % self.dist.world_size:
-            raise ConfigError(f"optim.batch_size ({o.batch_size}) must be divisible by the number of workers "
+        if o.batch_size < self.dist.world_size:
+            raise ConfigError(f"optim.batch_size ({o.batch_size}) is smaller than the number of workers "
                               f"({self.dist.world_size})")
-        self.local_batch = o.batch_size // self.dist.world_size
+        if cfg.data.loader == "reference" and o.batch_size % self.dist.world_size:
+            raise ConfigError(f"data.loader=reference splits optim.batch_size ({o.batch_size}) evenly: it must be "
+                              f"divisible by the number of workers ({self.dist.world_size})")
+        # The global batch is split with the remainder on the lowest ranks (data.BatchLoader): at most this many rows.
+        self.local_batch = -(-o.batch_size // self.dist.world_size)
         roles = teacher_roles(cfg.method.name)
         self.teachers = Teachers(**{r: load_teacher(r, getattr(cfg.teachers, r), info, self.device,
                                                     cfg.teachers.model_dir) for r in roles})
@@ -145,7 +170,7 @@ class Trainer:
             return make_reference_loader(self.data.train, self.local_batch, shuffle=True, augment=d.augment,
                                          num_workers=d.num_workers, seed=self.cfg.seed, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
-        return BatchLoader(self.data.train, self.local_batch, shuffle=True, augment=d.augment, device=self.device,
+        return BatchLoader(self.data.train, o.batch_size, shuffle=True, augment=d.augment, device=self.device,
                            seed=self.cfg.seed, drop_last=True, rank=self.dist.rank, world_size=self.dist.world_size,
                            channels_last=self.channels_last)
 
@@ -155,7 +180,8 @@ class Trainer:
                 "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "task": self.task.state_dict(),
                 "history": self.state.history, "trace": self.state.trace, "rng": _rng_state(),
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size,
+                "partial": self.state.partial.to_dict() if self.state.partial else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -169,7 +195,11 @@ class Trainer:
                                   "trains") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.task.load_state_dict(state["task"])
-        self.state = TrainState(epoch=int(state["epoch"]), history=list(state["history"]), trace=list(state["trace"]))
+        partial = state.get("partial")
+        self.state = TrainState(epoch=int(state["epoch"]), history=list(state["history"]), trace=list(state["trace"]),
+                                partial=PartialEpoch(**partial) if partial else None)
+        if self.state.partial is not None and not isinstance(self.loader, BatchLoader):
+            raise CheckpointError("a mid-epoch checkpoint continues only with data.loader=device")
         _set_rng_state(state["rng"])
 
     # --- one epoch -------------------------------------------------------------------------------------
@@ -183,31 +213,51 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         factor = self._set_schedule(epoch)
-        if hasattr(self.loader, "set_epoch"):
+        # A run restored from a mid-epoch checkpoint continues this epoch at the batch after it.
+        prior = self.state.partial if self.state.partial is not None and self.state.partial.epoch == epoch else None
+        first = prior.batches if prior is not None else 0
+        device_loader = isinstance(self.loader, BatchLoader)
+        if device_loader:
+            self.loader.set_epoch(epoch, first)
+        elif hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
+        ws, every = self.dist.world_size, self.cfg.checkpoint_every_iters
         stats: list[dict[str, Tensor]] = []
         counts: list[dict[str, Tensor]] = []
         start = time.perf_counter()
-        for x, y in self.loader:
+        for k, (x, y) in enumerate(self.loader, start=first):
             if x.device != self.device:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
+            loss_scale = 1.0
+            if device_loader and ws > 1:
+                total = self.loader.global_size(k)
+                self.task.shard = (self.loader.batch_rows(k)[0], total)
+                # DDP averages the ranks' gradients; scaling each rank's mean loss by its share of the global
+                # batch (n_r * W / B) makes that average the gradient of the global batch's mean loss.
+                loss_scale = y.shape[0] * ws / total
             out = self.task.step(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
             self.optimizer.step()
             stats.append(out.stats)
             counts.append(out.counts)
             if self.cfg.sync_every_step:
                 out.loss.item()  # reference mode: the released code logs a Python float every step
-        table = self._stack_stats(stats)
-        summed = self._sum_counts(counts)
-        seconds = time.perf_counter() - start
+            done = k + 1
+            timed = bool(every) and done % every == 0 and done < len(self.loader)
+            if device_loader and (self.checkpoint_now is not None and self.checkpoint_now() or timed):
+                prior = self._fold(prior, epoch, done, stats, counts, start)
+                stats, counts, start = [], [], time.perf_counter()
+                self._checkpoint_mid_epoch(prior)
+        folded = self._fold(prior, epoch, len(self.loader), stats, counts, start)
+        self.state.partial = None
+        table, seconds = folded.stats, folded.seconds
         first_iter = sum(t.shape[0] for t in self.state.trace)
         idx = torch.arange(first_iter, first_iter + table.shape[0], dtype=torch.float32).unsqueeze(1)
         ep = torch.full_like(idx, float(epoch))
         self.state.trace.append(torch.cat([idx, ep, table], dim=1))
-        c = dict(zip(COUNT_NAMES, summed.tolist()))
+        c = dict(zip(COUNT_NAMES, folded.counts.tolist()))
         means = dict(zip(STAT_NAMES, table.nanmean(0).tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES)))
         last = dict(zip(STAT_NAMES, table[-1].tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES)))
         metrics: dict[str, Any] = {"epoch": epoch, "lr": self.cfg.optim.lr * factor, "seconds": seconds,
@@ -219,18 +269,40 @@ class Trainer:
         metrics["train_acc_nat"] = 100 * c["correct_nat"] / c["seen_nat"] if c["seen_nat"] else math.nan
         return metrics
 
-    def _stack_stats(self, stats: list[dict[str, Tensor]]) -> Tensor:
-        """The epoch's statistics as a host (iters, len(STAT_NAMES)) table, NaN where the task has none.
+    def _fold(self, prior: PartialEpoch | None, epoch: int, batches: int, stats: list[dict[str, Tensor]],
+              counts: list[dict[str, Tensor]], start: float) -> PartialEpoch:
+        """``prior`` (the epoch's batches before these, or None) extended by these batches' statistics, made
+        global (a collective: every rank calls it at the same batch)."""
+        table, summed = self._stack_stats(stats, counts), self._sum_counts(counts)
+        seconds = time.perf_counter() - start
+        if prior is not None:
+            table, summed, seconds = torch.cat([prior.stats, table]), prior.counts + summed, prior.seconds + seconds
+        return PartialEpoch(epoch, batches, table, summed, seconds)
+
+    def _checkpoint_mid_epoch(self, partial: PartialEpoch) -> None:
+        """Report a checkpoint after ``partial.batches`` batches of epoch ``partial.epoch``: a restart (a
+        failure, an elastic resize, a preemption) redoes only the batches after it. The metrics carry no
+        ``epoch`` key, so epoch views and TensorBoard skip them."""
+        self.state.partial = partial
+        if self.report is not None:
+            iteration = sum(t.shape[0] for t in self.state.trace) + partial.batches
+            self.report({"partial_epoch": partial.epoch, "batches": partial.batches, "iteration": iteration},
+                        self.state_dict())
+
+    def _stack_stats(self, stats: list[dict[str, Tensor]], counts: list[dict[str, Tensor]]) -> Tensor:
+        """The statistics of these iterations as a host (iters, len(STAT_NAMES)) table, NaN where the task has
+        none.
 
         Stacked on the device and moved to the host once. Tasks whose statistics are per rank (every method
-        but B-MTARD, which all-reduces its own every step for the balance) are averaged over ranks here, once.
+        but B-MTARD, which all-reduces its own every step for the balance) are averaged over ranks here, once,
+        each rank's means weighted by its example count (uneven shards).
         """
         if not stats:
             return torch.zeros(0, len(STAT_NAMES))
         names = [k for k in STAT_NAMES if k in stats[0]]
         table = torch.stack([torch.stack([s[k] for k in names]) for s in stats]).float()
         if not self.task.global_stats:
-            table = self.dist.all_reduce_mean(table)
+            table = self.dist.all_reduce_mean(table, torch.stack([c["n"] for c in counts]).float())
         full = torch.full((table.shape[0], len(STAT_NAMES)), math.nan)
         full[:, [STAT_NAMES.index(k) for k in names]] = table.cpu()
         return full

@@ -52,7 +52,9 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     trainer = Trainer(cfg, data=data, report=report, log=epoch_logger(console, cfg.optim.epochs))
     if state is not None:
         trainer.load_state_dict(state)
-        console.print(f"resuming {run_dir} after epoch {trainer.state.epoch}")
+        part = trainer.state.partial
+        within = f" and {part.batches} batches of epoch {part.epoch}" if part is not None else ""
+        console.print(f"resuming {run_dir} after epoch {trainer.state.epoch}{within}")
     write_config(cfg, run_dir)
     events = EpochEvents(run_dir, fresh=state is None)  # TensorBoard: watch the run live (report() writes)
     console.print(f"[bold]{cfg.name}[/bold]: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "

@@ -25,6 +25,14 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 CHECKPOINT_DIR = "checkpoint_epoch{:04d}"   # one Ray checkpoint folder per checkpointed epoch
 
 
+def checkpoint_dir_name(epochs_done: int, batches: int = 0) -> str:
+    """The Ray checkpoint folder after ``epochs_done`` epochs and ``batches`` batches of the next one (a
+    mid-epoch checkpoint): names sort in training order (checkpoint_epoch0002 < checkpoint_epoch0002_batch00050
+    < checkpoint_epoch0003)."""
+    name = CHECKPOINT_DIR.format(epochs_done)
+    return f"{name}_batch{batches:05d}" if batches else name
+
+
 def is_uri(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path)
 

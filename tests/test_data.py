@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -389,34 +390,52 @@ def _epoch_ids(loader: BatchLoader) -> list[torch.Tensor]:
     return [ids_of(x) for x, _ in loader]
 
 
-def test_two_ranks_cover_the_global_permutation() -> None:
-    split = coded_split(96)
-    whole = torch.cat(_epoch_ids(BatchLoader(split, 8, shuffle=True, augment=False, seed=5)))
-    assert sorted(whole.tolist()) == list(range(96)) and whole.tolist() != list(range(96))
-    ranks = [BatchLoader(split, 4, shuffle=True, augment=False, seed=5, rank=r, world_size=2) for r in (0, 1)]
-    per_rank = [torch.cat(_epoch_ids(r)) for r in ranks]
-    assert len(ranks[0]) == len(ranks[1]) == 12 and ranks[0].num_examples == 48
-    # Strided sharding of the same permutation: interleaving the ranks gives back the 1-rank epoch.
-    assert torch.equal(torch.stack(per_rank, 1).reshape(-1), whole)
+def _global_batches(n: int, batch: int, world: int, **kw: Any) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every global batch of one epoch as the ranks of a ``world``-worker run hold it: [batch][rank] -> (x, y)."""
+    loaders = [BatchLoader(coded_split(n), batch, rank=r, world_size=world, **kw) for r in range(world)]
+    return [list(parts) for parts in zip(*[list(loader) for loader in loaders])]
 
 
-def test_uneven_sizes_drop_or_wrap() -> None:
-    split = coded_split(10)
-    ranks = [BatchLoader(split, 3, shuffle=True, augment=False, seed=0, rank=r, world_size=3) for r in range(3)]
-    seen = [torch.cat(_epoch_ids(r)) for r in ranks]
-    assert [len(r) for r in ranks] == [2, 2, 2] and [len(s) for s in seen] == [4, 4, 4]
-    merged = torch.stack(seen, 1).reshape(-1)  # the 12-long padded global order
-    assert sorted(set(merged.tolist())) == list(range(10))
-    assert torch.equal(merged[10:], merged[:2])  # padded by wrap-around
-    dropped = [BatchLoader(coded_split(100), 16, shuffle=True, augment=False, drop_last=True, rank=r, world_size=2)
-               for r in (0, 1)]
-    ids = [torch.cat(_epoch_ids(d)) for d in dropped]
-    assert [len(d) for d in dropped] == [3, 3] and [d.num_examples for d in dropped] == [48, 48]
-    assert len(set(torch.cat(ids).tolist())) == 96  # no duplicates when dropping
+def test_global_batch_k_is_the_same_for_every_world_size() -> None:
+    """Issue 15: batch k of an epoch (which images, which crops and flips) does not depend on the world size;
+    ranks hold contiguous slices, the remainder on the lowest ranks (32 rows on 3 ranks: 11, 11, 10)."""
+    kw = {"shuffle": True, "augment": True, "seed": 5, "drop_last": True}
+    one = _global_batches(100, 32, 1, **kw)
+    assert len(one) == 3  # 100 // 32: the tail that does not fill a global batch is dropped
+    for world, sizes in ((2, [16, 16]), (3, [11, 11, 10]), (5, [7, 7, 6, 6, 6])):
+        split = _global_batches(100, 32, world, **kw)
+        assert len(split) == len(one)
+        for k, parts in enumerate(split):
+            assert [len(y) for _, y in parts] == sizes
+            x = torch.cat([p[0] for p in parts])
+            y = torch.cat([p[1] for p in parts])
+            assert torch.equal(x, one[k][0][0]) and torch.equal(y, one[k][0][1]), (world, k)
+    ranks = [BatchLoader(coded_split(100), 32, rank=r, world_size=3, **kw) for r in range(3)]
+    assert [r.num_examples for r in ranks] == [33, 33, 30] and all(len(r) == 3 for r in ranks)
+    ids = torch.cat([r.indices() for r in ranks])
+    assert len(set(ids.tolist())) == 96  # no duplicates
+
+
+def test_a_loader_restarts_mid_epoch_at_the_same_batch() -> None:
+    kw = {"shuffle": True, "augment": True, "seed": 2, "drop_last": True}
+    full = list(BatchLoader(coded_split(64), 16, **kw))
+    later = BatchLoader(coded_split(64), 16, rank=1, world_size=3, **kw)
+    later.set_epoch(0, 2)  # restored after 2 batches, on another world size
+    rest = list(later)
+    assert len(rest) == 2 and torch.equal(rest[0][0], full[2][0][6:11])  # rank 1 of 3 holds rows 6..10 of 16
+    assert torch.equal(rest[1][0], full[3][0][6:11])
+    assert len(list(later)) == 4  # the next pass is a whole epoch again
+    with pytest.raises(ValueError):
+        later.set_epoch(0, 5)
+
+
+def test_uneven_sizes_and_short_tails() -> None:
     assert [len(y) for _, y in BatchLoader(coded_split(10), 4, shuffle=False, augment=False)] == [4, 4, 2]
-    # Fewer examples than ranks: wrap-around repeats the split as often as needed.
-    assert [ids_of(next(iter(BatchLoader(coded_split(1), 2, shuffle=True, augment=False, rank=r, world_size=3)))[0])
-            .tolist() for r in range(3)] == [[0], [0], [0]]
+    # Without drop_last the last global batch is short and split by the same rule.
+    parts = _global_batches(10, 4, 2, shuffle=False, augment=False)
+    assert [[ids_of(x).tolist() for x, _ in p] for p in parts] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8], [9]]]
+    with pytest.raises(ConfigError, match="smaller than the number of workers"):
+        BatchLoader(coded_split(10), 2, shuffle=False, augment=False, world_size=3)
 
 
 def test_loader_seed_and_epoch_determinism() -> None:

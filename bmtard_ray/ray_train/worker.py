@@ -46,6 +46,29 @@ def run_worker_hook(trainer: Trainer, hook: dict[str, Any] | None) -> None:
     getattr(module, hook["function"])(trainer, **hook.get("kwargs", {}))
 
 
+class PreemptionPoll:
+    """The Trainer's ``checkpoint_now`` hook: True once per preemption notice, so the run saves a checkpoint
+    at once (then trains on, as Ray recommends; when the node goes, Ray restarts the group from that
+    checkpoint and charges the restart to the preemption budget, not to ``--max-failures``).
+
+    ``ray.train.get_preemption_info()`` is a broadcast from rank 0 that every rank must call equally often,
+    so it is asked every ``every`` iterations (counted alike on every rank), not on a timer: Ray's watcher
+    polls the drained nodes every 5 s, and a drain gives its node tens of seconds or more."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every, self.calls, self.seen = every, 0, None
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.calls % self.every:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None or info == self.seen:
+            return False
+        self.seen = info
+        return True
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker. ``config`` is what :func:`make_torch_trainer` built:
     ``cfg`` (RunConfig as a dict, absolute paths), ``run_dir`` (storage path or URI of the run folder),
@@ -68,10 +91,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             return
         with tempfile.TemporaryDirectory(prefix="bmtard-ckpt-") as tmp:
             torch.save(checkpoint, Path(tmp) / storage.CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=storage.CHECKPOINT_DIR.format(metrics["epoch"]))
+            # An epoch's report names the epoch; a mid-epoch one (no "epoch" key) the batches done after the
+            # epochs its checkpoint holds.
+            name = (storage.checkpoint_dir_name(metrics["epoch"]) if "epoch" in metrics
+                    else storage.checkpoint_dir_name(checkpoint["epoch"], metrics["batches"]))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
-    trainer = Trainer(cfg, device=device, dist=dist, report=report)
+    trainer = Trainer(cfg, device=device, dist=dist, report=report, checkpoint_now=PreemptionPoll())
     state = None
     restored = ray.train.get_checkpoint()  # set after a worker failure, or when the run folder has a snapshot
     if restored is not None:
