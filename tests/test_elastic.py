@@ -276,3 +276,49 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
         largest = max(abs(b - a) for a, b in zip(values[:2 * iters - 1], values[1:2 * iters]))
         assert abs(values[2 * iters] - values[2 * iters - 1]) <= largest + 1e-9, name
 
+
+
+@pytest.mark.slow
+def test_a_search_survives_the_loss_of_a_node_and_completes_every_trial(
+        cluster: Any, tmp_path: Path, cifar_root: Path) -> None:
+    import json
+
+    import ray
+
+    lost = other_node(cluster)
+    before = set(train_worker_nodes())
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=cluster.address)
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_tune.py"), "--smoke-test", "--data-root", str(cifar_root),
+                             "--output-dir", str(tmp_path / "runs"), "--quiet", "--num-samples", "2",
+                             "--max-concurrent", "2", "--scheduler", "fifo", "--final-attacks", "clean",
+                             "--final-examples", "64", "--address", cluster.address, "--max-failures", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    exp = tmp_path / "runs" / "smoke"
+    try:
+        # Both trials running, one worker on each node, each with a checkpoint (its first epoch done).
+        def both_running_with_a_checkpoint() -> bool:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            runs = list((exp / "train").glob("*")) if (exp / "train").is_dir() else []
+            workers = [n for a, n in train_worker_nodes(since=before).items()]
+            alive = alive_train_worker_nodes()
+            return (len(runs) == 2 and all(any(r.glob("checkpoint_epoch*")) for r in runs)
+                    and len(workers) == 2 and sorted(alive) == sorted([head_id(), lost.node_id]))
+
+        wait_for("both trials to checkpoint an epoch", both_running_with_a_checkpoint, 420, every_s=1)
+        cluster.remove_node(lost)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, output[-4000:]
+    rows = pq.read_table(exp / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    # A worker died with the node and a replacement ran on the head; no trial started over from epoch 1.
+    workers = train_worker_nodes(since=before)
+    assert lost.node_id in workers.values() and len(workers) > 2, workers
+    assert set(workers.values()) <= {head_id(), lost.node_id}
+    for trial in exp.glob("trial_*"):
+        epochs = [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+        assert sorted(set(epochs)) == [1, 2, 3] and epochs.count(1) == 1, (trial.name, epochs)
+    assert ray.is_initialized()
