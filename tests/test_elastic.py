@@ -141,13 +141,13 @@ def other_node(cluster: Any) -> Any:
     return node
 
 
-def wait_for(what: str, check: Any, timeout_s: float, every_s: float = 0.5) -> Any:
+def wait_for(what: str, check: Any, timeout_s: float, every_s: float = 0.5, detail: Any = lambda: "") -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}: {detail()}"
         time.sleep(every_s)
 
 
@@ -166,7 +166,8 @@ def test_a_fixed_run_that_cannot_place_its_workers_ends_within_its_deadline_with
     holder = ray.remote(num_cpus=1)(Holder).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(other_node(cluster).node_id, soft=False)).remote()
     ray.get(holder.ping.remote(), timeout=60)
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=cluster.address)
+    # COLUMNS: the driver's start line unwrapped (rich wraps at 80 columns in a pipe).
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=cluster.address, COLUMNS="400")
     cmd = [sys.executable, str(REPO / "run_train.py"), "--preset", "smoke", "--data-root", str(cifar_root),
            "--output-dir", str(tmp_path / "runs"), "--set", f"teachers.cache_dir={smoke_teachers}",
            "--set", "data.augment=false", "--workers", "2", "--cpus-per-worker", "1", "--gpus-per-worker", "0",
@@ -249,11 +250,15 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
         lost = other_node(cluster)
         cluster.remove_node(lost)
 
+        def detail() -> str:
+            return f"workers on {alive_train_worker_nodes()} (head {head_id()}), {result}, driver output:\n{out.getvalue()}"
+
         wait_for("the run to continue on the head's worker alone",
-                 lambda: alive_train_worker_nodes() == [head_id()] and "now 1 worker(s)" in out.getvalue(), 120)
+                 lambda: alive_train_worker_nodes() == [head_id()] and "now 1 worker(s)" in out.getvalue(), 120,
+                 detail=detail)
         back = add_node(cluster)
         grown = wait_for("two workers again", lambda: sorted(alive_train_worker_nodes()) == sorted([head_id(), back.node_id]),
-                         150)
+                         150, detail=detail)
         assert grown
     finally:
         hold.unlink(missing_ok=True)
