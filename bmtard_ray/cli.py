@@ -95,8 +95,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (no --workers etc.)")
     r = p.add_argument_group("Ray Train (the default; see README 'Scaling with Ray Train')")
-    r.add_argument("--workers", type=int, help="number of training workers (default 1); the global batch is split "
-                   "over them")
+    r.add_argument("--workers", metavar="N|MIN-MAX", help="number of training workers (default 1); the global batch "
+                   "is split over them. MIN-MAX (e.g. 1-4): an elastic run with as many as fit, resized as nodes "
+                   "leave and join")
+    r.add_argument("--resize-interval", type=float, metavar="S", help="elastic runs: seconds between checks whether "
+                   "the worker count should change (default 60)")
+    r.add_argument("--wait-for-workers", type=float, metavar="S", help="fixed --workers N: seconds to wait for the "
+                   "cluster to place all N workers (at the start, after a failure) before the run ends (default 300)")
     r.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: the "
                    "cluster's CPUs shared out over the workers)")
     r.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers (default: 1 when the "
@@ -108,13 +113,14 @@ def train_parser() -> argparse.ArgumentParser:
                    "as s3://bucket/runs (default: --output-dir)")
     r.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
     r.add_argument("--keep-checkpoints", type=int, help="newest checkpoints to keep (default 2)")
-    r.add_argument("--ray-config", metavar="FILE", help="YAML with any of: num_workers, cpus_per_worker, "
-                   "gpus_per_worker, placement, address, storage_path, max_failures, keep_checkpoints (flags win)")
+    r.add_argument("--ray-config", metavar="FILE", help="YAML with any of: num_workers (N, MIN-MAX or [MIN, MAX]), "
+                   "cpus_per_worker, gpus_per_worker, placement, address, storage_path, max_failures, "
+                   "keep_checkpoints, resize_interval_s, wait_for_workers_s (flags win)")
     return p
 
 
 RAY_FLAGS = ("workers", "cpus_per_worker", "gpus_per_worker", "placement", "address", "storage_path", "max_failures",
-             "keep_checkpoints", "ray_config")
+             "keep_checkpoints", "ray_config", "resize_interval", "wait_for_workers")
 
 
 @guarded

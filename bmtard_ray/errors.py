@@ -22,3 +22,7 @@ class DataError(BmtardError):
 
 class CheckpointError(BmtardError):
     """A checkpoint file is missing, truncated, of another architecture, or not a checkpoint at all."""
+
+
+class ClusterError(BmtardError):
+    """The Ray cluster cannot give a run what it needs in time (e.g. its workers cannot be placed)."""

@@ -39,6 +39,30 @@ def fail_once(trainer: Any, *, epoch: int, marker: str, rank: int = 0, mode: str
     trainer.task.step = failing_step
 
 
+def lose_node_mid_epoch(trainer: Any, *, epoch: int, after_steps: int, marker: str, hold: str,
+                        slow_s: float) -> None:
+    """For a test that removes a node from under an elastic run. On the first attempt (no ``marker`` yet)
+    rank 0 writes ``marker`` after ``after_steps`` steps of ``epoch`` and then waits there (every other rank
+    blocks in its next collective) while the test removes a node. On any attempt with one worker, each step
+    sleeps ``slow_s`` as long as the file ``hold`` exists, so that the run is still going when the test
+    brings a node back and it grows again."""
+    first = not Path(marker).exists()
+    step = trainer.task.step
+    seen = {"n": 0}
+
+    def paced_step(x: torch.Tensor, y: torch.Tensor) -> Any:
+        if first and trainer.dist.rank == 0 and trainer.state.epoch + 1 == int(epoch):
+            seen["n"] += 1
+            if seen["n"] == int(after_steps) + 1:
+                Path(marker).write_text(f"paused in epoch {epoch} after {after_steps} steps\n")
+                time.sleep(120.0)  # the group is torn down long before this ends
+        if trainer.dist.world_size == 1 and Path(hold).exists():
+            time.sleep(float(slow_s))
+        return step(x, y)
+
+    trainer.task.step = paced_step
+
+
 def hook(function: str, **kwargs: Any) -> dict[str, Any]:
     """The ``worker_hook`` argument of ``run_ray`` that calls ``function`` of this file with ``kwargs``."""
     return {"file": str(Path(__file__).resolve()), "function": function, "kwargs": kwargs}

@@ -50,9 +50,10 @@ def local_cluster(*nodes: dict[str, Any]) -> Iterator[Any]:
             **node_ports(), **nodes[0]}
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS",)}
     cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.bmtard_temp_dir = temp_dir  # for add_node below
     try:
         for extra in nodes[1:]:
-            cluster.add_node(num_cpus=1, temp_dir=temp_dir, **node_ports(), **extra)
+            add_node(cluster, **extra)
         cluster.wait_for_nodes()
         os.environ["RAY_ADDRESS"] = cluster.address
         ray.init(address=cluster.address, log_to_driver=False)
@@ -66,6 +67,13 @@ def local_cluster(*nodes: dict[str, Any]) -> Iterator[Any]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def add_node(cluster: Any, **extra: Any) -> Any:
+    """One more node (1 CPU unless ``extra`` says otherwise) in a :func:`local_cluster`; waits until it is up."""
+    node = cluster.add_node(**{"num_cpus": 1, "temp_dir": cluster.bmtard_temp_dir, **node_ports(), **extra})
+    cluster.wait_for_nodes()
+    return node
 
 
 @contextmanager
@@ -109,3 +117,12 @@ def train_worker_nodes(since: set[str] = frozenset()) -> dict[str, str]:
 
     actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, raise_on_missing_output=False)
     return {a.actor_id: a.node_id for a in actors if a.actor_id not in since}
+
+
+def alive_train_worker_nodes() -> list[str]:
+    """The node id of every Ray Train worker alive now (one entry per worker)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=1000,
+                         raise_on_missing_output=False)
+    return [a.node_id for a in actors]

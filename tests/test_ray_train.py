@@ -216,7 +216,7 @@ def cli(*args: str, cwd: Path, timeout: float = 180, env: dict[str, str] | None 
 @pytest.mark.parametrize("args, message", [
     (["--address", "127.0.0.1:{port}"], "cannot reach a Ray cluster at 127.0.0.1:{port}"),
     (["--address", "http://127.0.0.1:8265"], "is a dashboard / job-server URL"),
-    (["--workers", "3", "--batch-size", "32"], "optim.batch_size (32) must be divisible by the number of workers (3)"),
+    (["--workers", "3-2"], "elastic worker range 3-2: the minimum is above the maximum"),
     (["--workers", "0"], "number of workers must be an integer >= 1"),
     (["--resume", "{tmp}/nothing-here"], "no checkpoint to resume from"),
     (["--local", "--workers", "2"], "--workers only apply to Ray runs"),

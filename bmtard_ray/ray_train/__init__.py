@@ -10,7 +10,8 @@ callable that hands rank 0's checkpoint dict to ``ray.train.report``.
 Public API (the Tune layer builds the same trainer inside a Tune function trainable)::
 
     ScalingOptions(num_workers=1, cpus_per_worker=1.0, gpus_per_worker=None,  # None: GPUs if the cluster has them
-                   placement_strategy="PACK")                                # or SPREAD (--placement spread)
+                   placement_strategy="PACK",                                # or SPREAD (--placement spread)
+                   resize_interval_s=None, wait_for_workers_s=300.0)        # num_workers=(min, max): elastic
     run_ray(cfg, scaling, *, address=None, storage_path=None, resume=None, overwrite=False, failure_max=2,
             keep_checkpoints=2, console=None) -> summary dict          # the whole run, driver side
     make_torch_trainer(cfg, scaling, *, run_config=None, storage_path=None, failure_max=2, keep_checkpoints=2,
@@ -44,11 +45,14 @@ lands where a local one would). It may be a shared filesystem path or a cloud UR
 ``gs://...``): required for multi-node runs, because the workers write checkpoints and rank 0 writes the
 final outputs there. A run folder with Ray checkpoints resumes from its latest one when the same name and
 storage path are used again (``--resume``); a worker that dies is replaced and the run continues from the
-last checkpoint (``FailureConfig(max_failures)``).
+last checkpoint (``FailureConfig(max_failures)``). An elastic run (``num_workers=(min, max)``) restarts with
+the workers that fit after a node loss and grows back when nodes return; a fixed run waits at most
+``wait_for_workers_s`` for its workers (see :mod:`bmtard_ray.ray_train.placement`).
 """
 from __future__ import annotations
 
-# Modules, each with one job: scaling (workers and resources), cluster (connect / start Ray, resource checks),
+# Modules, each with one job: scaling (workers and resources), placement (failure budget, how long a run waits
+# for its workers), cluster (connect / start Ray, resource checks),
 # worker (the per-worker loop), view (the driver's live table), run (the run itself). Run folders and
 # checkpoints are bmtard_ray.storage's, shared with the in-process runner.
 from bmtard_ray.ray_train.cluster import check_reachable, check_resources, connect, start_local_ray, stop_local_ray

@@ -123,7 +123,8 @@ def connect(address: str | None = None, **local_init: Any) -> bool:
 def check_resources(scaling: ScalingOptions, nodes: Sequence[dict[str, Any]] | None = None) -> None:
     """Refuse a request that no node set of this cluster can ever hold (Ray would wait forever).
 
-    Counts, per alive node, how many workers fit in its *total* resources (not what is free now)."""
+    Counts, per alive node, how many workers fit in its *total* resources (not what is free now). An elastic
+    run needs its minimum to fit (it runs with what fits, up to its maximum)."""
     nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive", True)]
     need = {"CPU": scaling.cpus_per_worker}
     if scaling.gpus_per_worker:
@@ -132,11 +133,12 @@ def check_resources(scaling: ScalingOptions, nodes: Sequence[dict[str, Any]] | N
     for node in nodes:
         have = node.get("Resources", {})
         fit += int(min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items()))
-    if fit >= scaling.num_workers:
+    if fit >= scaling.min_workers:
         return
     total = {k: sum(n.get("Resources", {}).get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     want = " and ".join(f"{v:g} {k}" for k, v in need.items())
-    raise ConfigError(f"{scaling.num_workers} workers with {want} each do not fit on this Ray cluster "
+    count = f"at least {scaling.min_workers}" if scaling.elastic else str(scaling.num_workers)
+    raise ConfigError(f"{count} workers with {want} each do not fit on this Ray cluster "
                       f"({len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs in all; at most {fit} "
                       "such workers): lower --workers, --cpus-per-worker or --gpus-per-worker")
 

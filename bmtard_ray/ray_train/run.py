@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, UserCallback
+from ray.train import CheckpointConfig, LoggingConfig, RunConfig as RayRunConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 from rich.text import Text
@@ -17,6 +17,7 @@ from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
 from bmtard_ray.events import EpochEvents
 from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
+from bmtard_ray.ray_train.placement import failure_config, not_placed, placement_deadline
 from bmtard_ray.ray_train.scaling import ScalingOptions, scaling_from_args
 from bmtard_ray.ray_train.view import EpochView, ForwardToDriver, pump
 from bmtard_ray.ray_train.worker import train_loop_per_worker
@@ -35,14 +36,14 @@ def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: R
 
     With ``run_config`` (e.g. Tune's, carrying ``TuneReportCallback``) its name and storage path define the
     run folder; otherwise the run is ``<storage_path or cfg.output_dir>/<cfg.name>`` with
-    ``FailureConfig(max_failures=failure_max)`` and the newest ``keep_checkpoints`` checkpoints kept."""
+    :func:`~bmtard_ray.ray_train.placement.failure_config` and the newest ``keep_checkpoints`` checkpoints kept."""
     scaling = scaling.validate()
     if scaling.gpus_per_worker is None or scaling.cpus_per_worker is None:
         scaling = scaling.resolved(cfg, ray.nodes() if ray.is_initialized() else ())
     if run_config is None:
         run_config = RayRunConfig(
             name=cfg.name, storage_path=str(storage_path or cfg.output_dir),
-            failure_config=FailureConfig(max_failures=failure_max),
+            failure_config=failure_config(scaling, failure_max),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING"))
     run_dir = join(str(run_config.storage_path), str(run_config.name))
@@ -77,7 +78,12 @@ def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title
     ``listeners`` also gets every epoch's metrics (rank 0's report)."""
     from ray.util.queue import Queue
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a 0-CPU actor may land anywhere, and a node that leaves (an elastic run's
+    # lost node) must not take the driver's view with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer.run_config.callbacks.append(ForwardToDriver(queue))
     stop = threading.Event()
     with EpochView(console, cfg.optim.epochs, title) as view:
@@ -100,16 +106,9 @@ def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
     """Checks that must pass before anything starts (workers would fail and retry on each)."""
     data = prepare_data(cfg)  # a bad data folder fails here, not on every worker
     check_given_teachers(cfg, data.info, data.val)
-    n = scaling.num_workers
-    if cfg.optim.batch_size % n:
-        raise ConfigError(f"optim.batch_size ({cfg.optim.batch_size}) must be divisible by the number of workers ({n})")
-    to_train = roles_to_train(cfg)
-    for role in to_train:
-        tc = getattr(cfg.teachers, role)
-        if tc.batch_size % n:
-            raise ConfigError(f"teachers.{role}.batch_size ({tc.batch_size}) must be divisible by the number of "
-                              f"workers ({n}) to train that teacher")
-    check_batches(cfg, data, to_train, workers=n)  # every worker gets at least one batch of each
+    # Any world size splits the global batch (uneven shards), so there is no divisibility to check; the
+    # largest world size an (elastic) run can reach gives every worker the smallest shard.
+    check_batches(cfg, data, roles_to_train(cfg), workers=scaling.max_workers)
     if any(is_uri(getattr(cfg.teachers, r).checkpoint or "") for r in ("clean", "robust")) or is_uri(teacher_cache_dir(cfg)):
         raise ConfigError("teacher checkpoints and the teacher cache (teachers.cache_dir, default <output_dir>/teachers) must be filesystem paths (shared between "
                           "nodes for multi-node runs), not URIs")
@@ -129,15 +128,21 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
                                  worker_hook=worker_hook)
     gpus = f", {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
     console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} ({dataset_settings(cfg)}), "
-                  f"{scaling.num_workers} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
+                  f"{scaling.describe()} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
                   f"{scaling.placement_strategy.lower()}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
     # TensorBoard events in the run folder, written here on the driver from rank 0's reports (a storage
     # URI gets none: tensorboardX writes local files).
     events = None if is_uri(run_dir) else EpochEvents(run_dir, fresh=not resume and resume_from is None)
     try:
-        result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.num_workers} worker(s))",
-                               listeners=[events] if events else [])
+        with placement_deadline(scaling):
+            result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.describe()} worker(s))",
+                                   listeners=[events] if events else [])
+    except Exception as exc:
+        err = not_placed(exc, scaling)
+        if err is not None:
+            raise err from None
+        raise
     finally:
         if events:
             events.close()

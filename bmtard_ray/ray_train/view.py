@@ -21,7 +21,8 @@ class ForwardToDriver(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put(("report", metrics[0] if metrics else {}))
+        # One metrics dict per worker: their number is the run's current world size (an elastic run's changes).
+        self.queue.put(("report", metrics[0] if metrics else {}, len(metrics)))
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         text = {rank: f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
@@ -52,6 +53,7 @@ class EpochView:
         self.last_time = self.started
         self.epoch_walls: list[float] = []
         self.live: Live | None = None
+        self.world_size: int | None = None
 
     def __enter__(self) -> EpochView:
         if self.console.is_terminal:
@@ -103,6 +105,19 @@ class EpochView:
         else:
             self.console.print(" | ".join(f"{c} {v}" for c, v in zip(self.COLUMNS, row)), soft_wrap=True)
 
+    def workers(self, n: int) -> None:
+        """The number of workers behind the latest report: a change (an elastic resize) is an event."""
+        if self.world_size is not None and n != self.world_size:
+            self._event(f"now {n} worker(s) (was {self.world_size})")
+        self.world_size = n
+
+    def _event(self, msg: str) -> None:
+        self.events.append(msg)
+        if self.live is not None:
+            self.live.update(self._table())
+        else:
+            self.console.print(Text(msg, style="yellow"), soft_wrap=True)
+
     def failure(self, errors: dict[int, str]) -> None:
         msg = "worker failure (" + "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items())) + \
               "): restarting from the last checkpoint"
@@ -121,7 +136,7 @@ def pump(queue: Any, view: EpochView, stop: threading.Event,
 
     while True:
         try:
-            kind, payload = queue.get(timeout=0.5)
+            kind, payload, *extra = queue.get(timeout=0.5)
         except Empty:
             if stop.is_set():
                 return
@@ -130,6 +145,8 @@ def pump(queue: Any, view: EpochView, stop: threading.Event,
             return
         try:
             if kind == "report":
+                if extra:
+                    view.workers(int(extra[0]))
                 view.report(payload)
                 for listen in listeners:
                     listen(payload)

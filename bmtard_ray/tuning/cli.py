@@ -75,6 +75,8 @@ def tune_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-concurrent", type=int, help="cap on trials at a time (default: as many as the cluster fits)")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray on this machine)")
     r.add_argument("--num-cpus", type=int, help="CPUs of a Ray instance started here (default: all)")
+    r.add_argument("--max-failures", type=int, default=2, help="failures per trial (a worker or node lost) that "
+                   "restart it from its last checkpoint; -1 unlimited (default 2)")
     f = p.add_argument_group("final report")
     f.add_argument("--final-attacks", help="comma-separated attacks for the best student's test evaluation "
                                            "(default: the full suite, see README)")
@@ -145,6 +147,7 @@ def settings_from_args(args: argparse.Namespace, space: SearchSpace, cfg: RunCon
         n_startup_trials=args.n_startup_trials, seed=args.search_seed, storage=args.storage,
         study_name=name, workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent, epoch_budget=args.epoch_budget,
+        max_failures=args.max_failures,
         final_attacks=tuple(a.strip() for a in final_attacks.split(",") if a.strip()),
         final_examples=final_examples, top=args.top, preset=preset_of(args, space), base_config=to_dict(cfg)).validate()
 

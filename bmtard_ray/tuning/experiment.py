@@ -48,7 +48,7 @@ def setup_of(settings: TuneSettings, space: SearchSpace) -> TrialSetup:
     return TrialSetup(base_config=settings.base_config, space=space,
                       train_dir=str(Path(settings.experiment_dir) / TRAIN_DIR), workers=settings.workers_per_trial,
                       cpus_per_worker=settings.cpus_per_worker,
-                      gpus_per_worker=settings.gpus_per_worker or 0.0)
+                      gpus_per_worker=settings.gpus_per_worker or 0.0, max_failures=settings.max_failures)
 
 
 def study_attrs(settings: TuneSettings, space: SearchSpace) -> dict[str, Any]:
@@ -145,7 +145,10 @@ def run(settings: TuneSettings, space: SearchSpace, *, resume: bool, console: Co
                                         scheduler=make_scheduler(settings, max_epochs),
                                         num_samples=settings.num_samples, max_concurrent_trials=n_concurrent,
                                         trial_dirname_creator=trial_dirname),
+            # A trial whose function died with its node is requeued and its Train run continues from its
+            # last checkpoint (the run is named after the trial); finished trials are never rerun.
             run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=verbose,
+                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                       stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None))
     grid = tuner.fit()
     statuses = _trial_statuses(grid, exp)

@@ -82,6 +82,7 @@ class TuneSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None                # None: 1 if the cluster has GPUs (and device != cpu)
     max_concurrent: int | None = None                   # None: derived from the cluster's resources
+    max_failures: int = 2                               # per trial: restarts from its checkpoint (-1: unlimited)
     epoch_budget: int | None = None                     # stop the search after this many trained epochs in all
     final_attacks: tuple[str, ...] = ()                 # () : the evaluation suite (see final.py)
     final_examples: int | None = None                   # None: the base config's eval.n_examples
@@ -139,6 +140,8 @@ class TuneSettings:
                               f"worker), got {self.workers_per_trial}")
         if self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
             raise ConfigError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ConfigError(f"--max-failures must be >= 0 (or -1 for unlimited), got {self.max_failures}")
         if self.epoch_budget is not None and self.epoch_budget < 1:
             raise ConfigError(f"--epoch-budget must be >= 1, got {self.epoch_budget}")
         if self.max_concurrent is not None and self.max_concurrent < 1:

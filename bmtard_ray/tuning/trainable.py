@@ -34,6 +34,7 @@ class TrialSetup:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0     # resolved before the experiment starts (never None here)
+    max_failures: int = 0            # worker failures (e.g. a lost node) the trial's Train run recovers from
 
 
 def sampled_values(config: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
@@ -65,8 +66,9 @@ def bmtard_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         name=trial_id, storage_path=setup.train_dir, callbacks=[TuneReportCallback()],
         # Keep only the newest checkpoint: the trial's last report (what Optuna and ASHA saw) points at it.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-        # A failed trial is a data point for the search, not something to retry.
-        failure_config=ray.train.FailureConfig(max_failures=0),
+        # A worker lost with its node restarts from the trial's last checkpoint (Tune's own budget, the same
+        # number, covers the loss of the node running this trial function; see experiment.run).
+        failure_config=ray.train.FailureConfig(max_failures=setup.max_failures),
         logging_config=ray.train.LoggingConfig(log_level="WARNING"))
     trainer = ray_train.make_torch_trainer(cfg, scaling, run_config=run_config)
     trainer.fit()
