@@ -63,6 +63,27 @@ def lose_node_mid_epoch(trainer: Any, *, epoch: int, after_steps: int, marker: s
     trainer.task.step = paced_step
 
 
+def record_start(trainer: Any, *, path: str, slow_s: float = 0.0) -> None:
+    """Rank 0 appends where each attempt of the run starts (world size, epochs done, batches of the next)
+    to the file ``path``, one JSON line per attempt; every step then sleeps ``slow_s`` (so that a test has
+    time to act while the run trains)."""
+    import json
+
+    if trainer.dist.rank == 0:
+        part = trainer.state.partial
+        start = {"world_size": trainer.dist.world_size, "epoch": trainer.state.epoch,
+                 "batches": part.batches if part is not None else 0}
+        with open(path, "a") as f:
+            f.write(json.dumps(start) + "\n")
+    step = trainer.task.step
+
+    def paced_step(x: torch.Tensor, y: torch.Tensor) -> Any:
+        time.sleep(float(slow_s))
+        return step(x, y)
+
+    trainer.task.step = paced_step
+
+
 def hook(function: str, **kwargs: Any) -> dict[str, Any]:
     """The ``worker_hook`` argument of ``run_ray`` that calls ``function`` of this file with ``kwargs``."""
     return {"file": str(Path(__file__).resolve()), "function": function, "kwargs": kwargs}

@@ -327,3 +327,76 @@ def test_a_search_survives_the_loss_of_a_node_and_completes_every_trial(
         epochs = [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines() if line.strip()]
         assert sorted(set(epochs)) == [1, 2, 3] and epochs.count(1) == 1, (trial.name, epochs)
     assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_checkpoints_at_once_and_its_restart_is_not_a_failure(
+        cluster: Any, tmp_path: Path, cifar_root: Path, smoke_teachers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node drained for preemption (a spot reclaim's notice, 15 s ahead): the run checkpoints in the middle of
+    the epoch as soon as the workers hear of it and trains on; at the deadline Ray Train stops it, the node
+    goes, and the run continues from that checkpoint on the head. With --max-failures 0 the run would end on any
+    failure: the restart is charged to Ray's preemption budget instead."""
+    import json
+
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    from bmtard_ray.ray_train import ScalingOptions, run_ray
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    epochs, iters = 6, 1024 // 32  # 0.25 s a step: about 50 s of training, so the deadline falls inside it
+    cfg = smoke(tmp_path, cifar_root, smoke_teachers, "name=preempted", f"optim.epochs={epochs}",
+                "data.train_subset=1024")
+    starts = tmp_path / "starts.jsonl"
+    out = io.StringIO()
+    result: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            result["summary"] = run_ray(
+                cfg, ScalingOptions(num_workers=(1, 2), cpus_per_worker=1, gpus_per_worker=0, resize_interval_s=3600),
+                failure_max=0, keep_checkpoints=10, console=Console(file=out, width=300),
+                worker_hook=faults.hook("record_start", path=str(starts), slow_s=0.25))
+        except BaseException as exc:  # reported by the main thread
+            result["error"] = exc
+
+    runner = threading.Thread(target=fit, daemon=True)
+    runner.start()
+    run = tmp_path / "runs" / "preempted"
+    try:
+        wait_for("two workers past epoch 1", lambda: "error" in result or (
+            len(alive_train_worker_nodes()) == 2 and (run / "checkpoint_epoch0001").is_dir()), 240)
+        assert "error" not in result, result
+        node = other_node(cluster)
+        deadline = time.time() + 15
+        accepted, why = GcsClient(address=cluster.address).drain_node(
+            node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "test: spot reclaim",
+            int(deadline * 1000))
+        assert accepted, why
+        noticed = wait_for("the checkpoint taken on the notice", lambda: sorted(run.glob("checkpoint_epoch*_batch*")), 60)
+        # At the drain's deadline Ray Train stops the group; the cloud then reclaims the node (here: removed once
+        # nothing of the run is left on it), and the run restarts without it.
+        wait_for("the group stopped at the deadline", lambda: time.time() > deadline
+                 and node.node_id not in alive_train_worker_nodes(), 90)
+        cluster.remove_node(node)
+        wait_for("the restart on the head", lambda: "error" in result or (
+            starts.exists() and len(starts.read_text().splitlines()) >= 2), 120)
+        add_node(cluster)  # the module's other tests expect a second node
+    finally:
+        runner.join(timeout=400)
+    assert not runner.is_alive() and "error" not in result, (result.get("error"), out.getvalue()[-3000:])
+    # The notice's checkpoint: mid-epoch, after the epochs and batches its name says.
+    done, batches = map(int, re.fullmatch(r"checkpoint_epoch(\d+)_batch(\d+)", noticed[0].name).groups())
+    assert 0 < batches < iters
+    attempts = [json.loads(line) for line in starts.read_text().splitlines()]
+    assert attempts[0] == {"world_size": 2, "epoch": 0, "batches": 0}
+    assert len(attempts) == 2, attempts  # one restart
+    restart = attempts[1]
+    assert restart["world_size"] == 1  # on the head alone
+    # It continued from the notice's checkpoint, or a later one reported before the node went: never earlier.
+    assert (restart["epoch"], restart["batches"]) >= (done, batches), (restart, noticed[0].name)
+    assert result["summary"]["epochs"] == epochs
+    assert column(run, "epoch") == list(range(1, epochs + 1))  # every epoch exactly once
+    assert column(run, "iteration", "trace") == list(range(epochs * iters))  # no gap, no repeat
