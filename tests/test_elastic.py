@@ -172,8 +172,11 @@ def test_a_fixed_run_that_cannot_place_its_workers_ends_within_its_deadline_with
            "--output-dir", str(tmp_path / "runs"), "--set", f"teachers.cache_dir={smoke_teachers}",
            "--set", "data.augment=false", "--workers", "2", "--cpus-per-worker", "1", "--gpus-per-worker", "0",
            "--wait-for-workers", "20"]
+    errors = tmp_path / "stderr.txt"
     try:
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr to a file: only the reader thread reads the stdout pipe (communicate() would race it for lines).
+        with open(errors, "w") as err_file:
+            proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err_file, text=True)
         started: list[float] = []
         out: list[str] = []
 
@@ -186,11 +189,12 @@ def test_a_fixed_run_that_cannot_place_its_workers_ends_within_its_deadline_with
 
         reader = threading.Thread(target=read_stdout, daemon=True)
         reader.start()
-        _, err = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
         ended = time.monotonic()
         reader.join(timeout=10)
     finally:
         ray.kill(holder)
+    err = errors.read_text()
     assert proc.returncode == 2, (err[-3000:], "".join(out)[-2000:])
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines[-1] == ("error: the Ray cluster could place only 1 of the 2 workers (1 CPU each) this run needs "
