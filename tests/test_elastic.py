@@ -278,12 +278,17 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
     # go on where they were (no reset to their initial values): no step across the restart moves them more
     # than the largest step before it.
     saved = torch.cat(torch.load(run / "checkpoint_epoch0002" / "checkpoint.pt", weights_only=False)["trace"])
+    moved = []
     for name in ("tau_adv", "tau_nat", "w_adv", "w_nat"):
         values = column(run, name, "trace")
         assert values[:2 * iters] == pytest.approx(saved[:, TRACE_COLUMNS.index(name)].tolist(), rel=1e-6), name
-        assert values[2 * iters - 1] != values[0], name  # they had moved before the loss
+        if values[2 * iters - 1] != values[0]:
+            moved.append(name)
         largest = max(abs(b - a) for a, b in zip(values[:2 * iters - 1], values[1:2 * iters]))
         assert abs(values[2 * iters] - values[2 * iters - 1]) <= largest + 1e-9, name
+    # The weights had moved before the loss, so "no reset" means something (a temperature moves only when
+    # the teachers' entropies differ enough within 64 steps of a tiny model: not checked).
+    assert {"w_adv", "w_nat"} <= set(moved), moved
 
 
 
@@ -350,6 +355,8 @@ def test_a_preemption_notice_checkpoints_at_once_and_its_restart_is_not_a_failur
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    if not cluster.worker_nodes:  # a test before this one removed the second node
+        add_node(cluster)
     epochs, iters = 6, 1024 // 32  # 0.25 s a step: about 50 s of training, so the deadline falls inside it
     cfg = smoke(tmp_path, cifar_root, smoke_teachers, "name=preempted", f"optim.epochs={epochs}",
                 "data.train_subset=1024")

@@ -81,8 +81,9 @@ def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: a 0-CPU actor may land anywhere, and a node that leaves (an elastic run's
-    # lost node) must not take the driver's view with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # lost node) must not take the driver's view with it. Hard affinity: a soft one was seen to land on
+    # another node of a 2-node test cluster, which then took the queue (and the run) with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer.run_config.callbacks.append(ForwardToDriver(queue))
     stop = threading.Event()
