@@ -46,7 +46,8 @@ def trial_run_config(setup: TrialSetup, config: dict[str, Any], trial_id: str) -
     cfg, _ = trial_config(from_dict(setup.base_config), setup.space, sampled_values(config, setup.space))
     cfg.name = trial_id
     cfg.output_dir = setup.train_dir
-    # Tune takes every report for a result: only epoch ends (with the objective's metrics) may report.
+    # Tune takes every report for a result: no timed mid-epoch checkpoints in a trial. (A preemption notice's
+    # checkpoint still reports; its result has no epoch or objective, which ASHA and StudySearch skip.)
     cfg.checkpoint_every_iters = 0
     return cfg
 
