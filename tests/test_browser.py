@@ -127,8 +127,10 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
     shots.mkdir()
     exp = tmp_path / "runs" / "smoke"
     log = open(tmp_path / "search.log", "w")  # noqa: SIM115 - the search writes to it until it ends
-    search = subprocess.Popen(smoke_args(tmp_path, cifar_root, "--num-cpus", "2"), env=cli_env(), stdout=log,
-                              stderr=subprocess.STDOUT)
+    # 8 trials, not the smoke test's 4: the search (and its Ray dashboard) must outlive the Ray pages' checks
+    # (with 4, a fresh clone's run once finished before the Train API page loaded: connection refused).
+    search = subprocess.Popen(smoke_args(tmp_path, cifar_root, "--num-cpus", "2", "--num-samples", "8"),
+                              env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     review = None
     try:
         deadline = time.monotonic() + 900
