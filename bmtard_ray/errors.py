@@ -8,6 +8,26 @@ and keeps its traceback.
 from __future__ import annotations
 
 
+def find_cause(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc``'s causes, contexts and Ray's wrappers (a Train controller's
+    ``controller_failure``, a worker group's ``worker_failures``, a task error's ``cause``); None if none."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += [getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__, e.__context__]
+        for name in ("worker_failures", "_worker_failures"):
+            failures = getattr(e, name, None)
+            if isinstance(failures, dict):
+                todo += list(failures.values())
+    return None
+
+
 class BmtardError(Exception):
     """Base class for user-facing errors (one line, no traceback)."""
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 from ray.train import FailureConfig
 
-from bmtard_ray.errors import ClusterError
+from bmtard_ray.errors import ClusterError, find_cause
 from bmtard_ray.ray_train.scaling import ScalingOptions
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -75,17 +75,7 @@ def placeable_workers(scaling: ScalingOptions) -> int:
 def _startup_timeout(exc: BaseException) -> bool:
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, WorkerGroupStartupTimeoutError):
-            return True
-        todo += [getattr(e, "controller_failure", None), e.__cause__, e.__context__]
-    return False
+    return find_cause(exc, WorkerGroupStartupTimeoutError) is not None
 
 
 def not_placed(exc: BaseException, scaling: ScalingOptions) -> ClusterError | None:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir, to_dict
 from bmtard_ray.data import prepare_data
-from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError
+from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError, find_cause
 from bmtard_ray.events import EpochEvents
 from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
 from bmtard_ray.ray_train.placement import failure_config, not_placed, placement_deadline
@@ -55,21 +55,8 @@ def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: R
 
 def user_error(exc: BaseException) -> BmtardError | None:
     """A BmtardError raised inside a worker, found through Ray's wrappers (None if there is none)."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, BmtardError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        for name in ("worker_failures", "_worker_failures"):
-            failures = getattr(e, name, None)
-            if isinstance(failures, dict):
-                todo += list(failures.values())
-    return None
+    found = find_cause(exc, BmtardError)
+    return found if isinstance(found, BmtardError) else None
 
 
 def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title: str,
