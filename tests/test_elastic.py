@@ -22,15 +22,12 @@ from rich.console import Console
 
 import faults
 from multinode import add_node, alive_train_worker_nodes, local_cluster, train_worker_nodes
-from test_ray_train import column, smoke
+from test_ray_train import column, smoke, teachers  # noqa: F401 (a fixture, shared)
 
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.loop import TRACE_COLUMNS
-from bmtard_ray.runner import run_local
-from bmtard_ray.teachers import ensure_teachers
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = Console(quiet=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,13 +119,6 @@ def cluster() -> Any:
         yield c
 
 
-@pytest.fixture(scope="module")
-def smoke_teachers(tmp_path_factory: pytest.TempPathFactory, cifar_root: Path) -> Path:
-    cache = tmp_path_factory.mktemp("teachers")
-    ensure_teachers(smoke(cache, cifar_root, cache), lambda t: run_local(t, overwrite=True, console=QUIET))
-    return cache
-
-
 def head_id() -> str:
     import ray
 
@@ -153,7 +143,7 @@ def wait_for(what: str, check: Any, timeout_s: float, every_s: float = 0.5, deta
 
 @pytest.mark.slow
 def test_a_fixed_run_that_cannot_place_its_workers_ends_within_its_deadline_with_one_line(
-        cluster: Any, tmp_path: Path, cifar_root: Path, smoke_teachers: Path) -> None:
+        cluster: Any, tmp_path: Path, cifar_root: Path, teachers: Path) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -169,7 +159,7 @@ def test_a_fixed_run_that_cannot_place_its_workers_ends_within_its_deadline_with
     # COLUMNS: the driver's start line unwrapped (rich wraps at 80 columns in a pipe).
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=cluster.address, COLUMNS="400")
     cmd = [sys.executable, str(REPO / "run_train.py"), "--preset", "smoke", "--data-root", str(cifar_root),
-           "--output-dir", str(tmp_path / "runs"), "--set", f"teachers.cache_dir={smoke_teachers}",
+           "--output-dir", str(tmp_path / "runs"), "--set", f"teachers.cache_dir={teachers}",
            "--set", "data.augment=false", "--workers", "2", "--cpus-per-worker", "1", "--gpus-per-worker", "0",
            "--wait-for-workers", "20"]
     errors = tmp_path / "stderr.txt"
@@ -211,7 +201,7 @@ def test_a_fixed_run_that_cannot_place_its_workers_ends_within_its_deadline_with
 
 @pytest.mark.slow
 def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_back_when_a_node_returns(
-        cluster: Any, tmp_path: Path, cifar_root: Path, smoke_teachers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cluster: Any, tmp_path: Path, cifar_root: Path, teachers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.util.state import list_actors
 
     from bmtard_ray.ray_train import ScalingOptions, run_ray
@@ -221,7 +211,7 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     epochs, iters = 6, 1024 // 32
-    cfg = smoke(tmp_path, cifar_root, smoke_teachers, "name=elastic", f"optim.epochs={epochs}",
+    cfg = smoke(tmp_path, cifar_root, teachers, "name=elastic", f"optim.epochs={epochs}",
                 "data.train_subset=1024")
     marker, hold = tmp_path / "paused", tmp_path / "hold"
     hold.write_text("slow while on one worker\n")
@@ -340,7 +330,7 @@ def test_a_search_survives_the_loss_of_a_node_and_completes_every_trial(
 
 @pytest.mark.slow
 def test_a_preemption_notice_checkpoints_at_once_and_its_restart_is_not_a_failure(
-        cluster: Any, tmp_path: Path, cifar_root: Path, smoke_teachers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cluster: Any, tmp_path: Path, cifar_root: Path, teachers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node drained for preemption (a spot reclaim's notice, 15 s ahead): the run checkpoints in the middle of
     the epoch as soon as the workers hear of it and trains on; at the deadline Ray Train stops it, the node
     goes, and the run continues from that checkpoint on the head. With --max-failures 0 the run would end on any
@@ -358,7 +348,7 @@ def test_a_preemption_notice_checkpoints_at_once_and_its_restart_is_not_a_failur
     if not cluster.worker_nodes:  # a test before this one removed the second node
         add_node(cluster)
     epochs, iters = 6, 1024 // 32  # 0.25 s a step: about 50 s of training, so the deadline falls inside it
-    cfg = smoke(tmp_path, cifar_root, smoke_teachers, "name=preempted", f"optim.epochs={epochs}",
+    cfg = smoke(tmp_path, cifar_root, teachers, "name=preempted", f"optim.epochs={epochs}",
                 "data.train_subset=1024")
     starts = tmp_path / "starts.jsonl"
     out = io.StringIO()

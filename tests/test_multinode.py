@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from multinode import local_cluster, node_without, train_worker_nodes
 from rich.console import Console
-from test_ray_train import TRAJ_TAU_TOL, TRAJ_W_TOL, column, smoke
+from test_ray_train import TRAJ_TAU_TOL, TRAJ_W_TOL, column, smoke, teachers  # noqa: F401 (a fixture, shared)
 
 from bmtard_ray.errors import DataError
 from bmtard_ray.runner import run_local
-from bmtard_ray.teachers import ensure_teachers
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
@@ -36,13 +35,6 @@ def two_nodes() -> Any:
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def smoke_teachers(tmp_path_factory: pytest.TempPathFactory, cifar_root: Path) -> Path:
-    cache = tmp_path_factory.mktemp("teachers")
-    ensure_teachers(smoke(cache, cifar_root, cache), lambda t: run_local(t, overwrite=True, console=QUIET))
-    return cache
-
-
 def alive_node_ids() -> set[str]:
     import ray
 
@@ -50,19 +42,19 @@ def alive_node_ids() -> set[str]:
 
 
 def test_a_spread_run_puts_one_worker_on_each_node_and_matches_the_single_node_run(
-        two_nodes: Any, tmp_path: Path, cifar_root: Path, smoke_teachers: Path) -> None:
+        two_nodes: Any, tmp_path: Path, cifar_root: Path, teachers: Path) -> None:
     from bmtard_ray.ray_train import ScalingOptions, run_ray
 
     assert len(alive_node_ids()) == 2
     before = set(train_worker_nodes())
-    cfg = smoke(tmp_path, cifar_root, smoke_teachers, "name=spread")
+    cfg = smoke(tmp_path, cifar_root, teachers, "name=spread")
     out = io.StringIO()
     summary = run_ray(cfg, ScalingOptions(num_workers=2, cpus_per_worker=1, gpus_per_worker=0,
                                           placement_strategy="SPREAD"), console=Console(file=out, width=300))
     workers = train_worker_nodes(since=before)
     assert len(workers) == 2, workers
     assert len(set(workers.values())) == 2 and set(workers.values()) == alive_node_ids(), workers  # distinct nodes
-    local = run_local(smoke(tmp_path, cifar_root, smoke_teachers, "name=local"), console=QUIET)
+    local = run_local(smoke(tmp_path, cifar_root, teachers, "name=local"), console=QUIET)
     run, local_run = tmp_path / "runs" / "spread", tmp_path / "runs" / "local"
     # The same outputs as the run on one node (Ray adds its checkpoint folders and snapshot).
     ray_own = {"checkpoint_manager_snapshot.json", ".validate_storage_marker"}
@@ -85,7 +77,7 @@ def test_a_spread_run_puts_one_worker_on_each_node_and_matches_the_single_node_r
 
 
 def test_a_node_without_the_data_folder_fails_with_one_line_naming_the_node_and_path(
-        two_nodes: Any, tmp_path: Path, cifar_root: Path, smoke_teachers: Path) -> None:
+        two_nodes: Any, tmp_path: Path, cifar_root: Path, teachers: Path) -> None:
     from bmtard_ray.ray_train import ScalingOptions, run_ray
 
     data = cifar_root.resolve()
@@ -93,7 +85,7 @@ def test_a_node_without_the_data_folder_fails_with_one_line_naming_the_node_and_
     with node_without(data, two_nodes.address, tmp_path / "node.log", {"node_c": 1}):
         (bare,) = alive_node_ids() - before
         # Three 1-CPU workers on three 1-CPU nodes: one of them lands on the node without the data.
-        cfg = smoke(tmp_path, cifar_root, smoke_teachers, "name=nodata", "optim.batch_size=30")
+        cfg = smoke(tmp_path, cifar_root, teachers, "name=nodata", "optim.batch_size=30")
         start = time.monotonic()
         with pytest.raises(DataError) as err:
             run_ray(cfg, ScalingOptions(num_workers=3, cpus_per_worker=1, gpus_per_worker=0,

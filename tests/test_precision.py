@@ -62,6 +62,18 @@ def trajectory(autocast: object, *, device: torch.device | str = "cpu", channels
     return torch.stack(rows).cpu()
 
 
+def assert_follows(ref: torch.Tensor, other: torch.Tensor, label: str, *, balance_tol: float, loss_rtol: float) -> None:
+    """``other``'s tau and w within ``balance_tol`` of ``ref``'s at every step, and its last-50-step mean
+    losses within ``loss_rtol`` (relative)."""
+    col = {c: STAT_NAMES.index(c) for c in STAT_NAMES}
+    for name in ("w_adv", "w_nat", "tau_adv", "tau_nat"):
+        diff = (ref[:, col[name]] - other[:, col[name]]).abs().max().item()
+        assert diff <= balance_tol, f"{name}: {label} differs from the reference by {diff:.5f}"
+    for name in ("L_adv", "L_nat"):
+        a, b = ref[-50:, col[name]].mean().item(), other[-50:, col[name]].mean().item()
+        assert abs(a - b) <= loss_rtol * abs(a), f"{name}: reference {a:.5f} vs {label} {b:.5f}"
+
+
 def test_bf16_autocast_follows_the_fp32_trajectory() -> None:
     torch.set_num_threads(2)
     fp32 = trajectory(lambda: torch.autocast("cpu", enabled=False))
@@ -75,12 +87,7 @@ def test_bf16_autocast_follows_the_fp32_trajectory() -> None:
     # Measured (200 steps, torch 2.14 CPU): w moves over 0.44..0.67 and bf16 stays within 3e-4 of it, tau_nat
     # moves 1.0..1.2 with every sign step identical, the last-50-step mean losses agree to 4 digits.
     # Tolerances: w 0.01, tau 0.01 (ten disagreeing EBB sign steps of eta_tau = 0.001), losses 5%.
-    for name in ("w_adv", "w_nat", "tau_adv", "tau_nat"):
-        diff = (fp32[:, col[name]] - bf16[:, col[name]]).abs().max().item()
-        assert diff <= 0.01, f"{name}: bf16 differs from fp32 by {diff:.4f}"
-    for name in ("L_adv", "L_nat"):
-        a, b = fp32[-50:, col[name]].mean().item(), bf16[-50:, col[name]].mean().item()
-        assert abs(a - b) <= 0.05 * abs(a), f"{name}: fp32 {a:.4f} vs bf16 {b:.4f}"
+    assert_follows(fp32, bf16, "bf16", balance_tol=0.01, loss_rtol=0.05)
     # And bf16 really ran: the entropies differ in their low digits.
     assert (fp32[:, STAT_NAMES.index("H_adv")] != bf16[:, STAT_NAMES.index("H_adv")]).any()
 
@@ -97,12 +104,7 @@ def test_channels_last_on_cpu_follows_the_contiguous_trajectory() -> None:
     # Measured (200 steps, torch 2.14 CPU): w within 2e-5, every EBB sign step identical, the last-50-step mean
     # losses to 4 digits.
     # Tolerances as for bf16 above but ten times tighter: fp32 in either layout.
-    for name in ("w_adv", "w_nat", "tau_adv", "tau_nat"):
-        diff = (plain[:, col[name]] - cl[:, col[name]]).abs().max().item()
-        assert diff <= 0.001, f"{name}: channels_last differs from contiguous by {diff:.5f}"
-    for name in ("L_adv", "L_nat"):
-        a, b = plain[-50:, col[name]].mean().item(), cl[-50:, col[name]].mean().item()
-        assert abs(a - b) <= 0.005 * abs(a), f"{name}: contiguous {a:.5f} vs channels_last {b:.5f}"
+    assert_follows(plain, cl, "channels_last", balance_tol=0.001, loss_rtol=0.005)
 
 
 def test_fast_trainer_on_cpu_runs_channels_last(tmp_path: Path) -> None:
