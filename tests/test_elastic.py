@@ -347,6 +347,9 @@ def test_a_preemption_notice_checkpoints_at_once_and_its_restart_is_not_a_failur
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     if not cluster.worker_nodes:  # a test before this one removed the second node
         add_node(cluster)
+        # Ray Train sizes an elastic group from its autoscaling coordinator's view of the nodes, refreshed
+        # every 20 s (TICK_INTERVAL_S): started sooner, this run would see one node and start 1 worker.
+        time.sleep(25)
     epochs, iters = 6, 1024 // 32  # 0.25 s a step: about 50 s of training, so the deadline falls inside it
     cfg = smoke(tmp_path, cifar_root, teachers, "name=preempted", f"optim.epochs={epochs}",
                 "data.train_subset=1024")
