@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bmtard_ray import io  # noqa: E402
 from bmtard_ray.config import RunConfig, build_config, to_dict  # noqa: E402
 from bmtard_ray.errors import BmtardError  # noqa: E402
 from bmtard_ray.runner import run_local  # noqa: E402
@@ -46,6 +47,8 @@ SCALES: dict[str, dict[str, Any]] = {
                                            "teachers.clean.checkpoint=pyautoattack"],
             "seeds": 3, "suite_n": 2000, "aa_n": 1000},
 }
+
+KEEP = "<!-- reproduce.py writes the text above this line; what follows is kept when it rewrites this file -->"
 
 OTHER_SCALES = {
     "smoke": "python bench/reproduce.py --scale smoke --out runs/reproduce-smoke",
@@ -393,7 +396,11 @@ def compare(args: argparse.Namespace) -> int:
     files = plots(figures, args.scale, rows, bm if bm.is_dir() else None)
     rel = Path(os.path.relpath(figures.resolve(), target.parent.resolve()))
     lines += ["", *[f"![{f}]({(rel / f).as_posix()})" for f in files]]
-    target.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    # Sections other scripts own (the balance study) follow the KEEP line; a rewrite leaves them as they are.
+    if target.is_file() and KEEP in (old := target.read_text()):
+        text += "\n" + KEEP + old.split(KEEP, 1)[1]
+    io.atomic_text(text, target)
     print("\n".join(lines))
     print(f"\nwrote {target}")
     return 0

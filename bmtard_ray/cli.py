@@ -161,7 +161,8 @@ def run_folder(args: argparse.Namespace, cfg: RunConfig) -> str:
 # Keys --resume may change: how long (more epochs), where and how fast it runs, how often it validates and
 # checkpoints. Everything else defines what is trained and stays as the run saved it.
 RESUME_KEYS = ("optim.epochs", "device", "compile", "sync_every_step", "val_every", "val_examples",
-               "checkpoint_every", "checkpoint_every_iters", "data.root", "data.num_workers", "eval.batch_size")
+               "checkpoint_every", "checkpoint_every_iters", "data.root", "data.num_workers", "eval.batch_size",
+               "teachers.logit_cache")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, int | None]:

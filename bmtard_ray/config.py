@@ -135,6 +135,9 @@ class TeachersConfig:
     robust: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="wrn34_10", train_method="trades"))
     cache_dir: str = ""               # "" = <output_dir>/teachers, so teachers follow --output-dir
     model_dir: str = ROBUSTBENCH_MODEL_DIR  # robustbench:<Name> is <model_dir>/<dataset>/Linf/<Name>.pt
+    # A folder for the clean teacher's outputs on natural batches (bmtard_ray.logit_cache); "" = off. Runs that
+    # share the seed and data settings see the same batches and reuse them; results are bit for bit the same.
+    logit_cache: str = ""
 
 
 @dataclass

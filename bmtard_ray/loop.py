@@ -27,6 +27,7 @@ from bmtard_ray.dist import DistContext
 from bmtard_ray.engine import COUNT_NAMES, STAT_NAMES, Teachers, Task, build_task
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.core import evaluate, w_robust
+from bmtard_ray.logit_cache import CachedTeacher
 from bmtard_ray.models import build_model
 from bmtard_ray.models.checkpoint import model_record
 from bmtard_ray.names import teacher_roles
@@ -125,6 +126,8 @@ class Trainer:
         roles = teacher_roles(cfg.method.name)
         self.teachers = Teachers(**{r: load_teacher(r, getattr(cfg.teachers, r), info, self.device,
                                                     cfg.teachers.model_dir) for r in roles})
+        if cfg.teachers.logit_cache and self.teachers.clean is not None:
+            self.teachers.clean = CachedTeacher(self.teachers.clean, cfg.teachers.logit_cache)
         # Black-box attacks are crafted on the robust teacher, also for methods that train without one.
         self.source: nn.Module | None = None
         if any(a.startswith("bb_") for a in cfg.eval.attacks):

@@ -1,0 +1,97 @@
+"""The clean teacher's logit cache (issue 17): a run that reads the cache computes bit for bit what a run
+without it computes, runs of other methods on the same seed read every batch from it, and a damaged entry is
+recomputed rather than trusted."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bmtard_ray.config import build_config
+from bmtard_ray.data import DataBundle, DatasetInfo, Split
+from bmtard_ray.errors import ConfigError
+from bmtard_ray.logit_cache import CachedTeacher, batch_digest
+from bmtard_ray.loop import Trainer
+from bmtard_ray.models import build_model
+
+K = 10
+INFO = DatasetInfo("cifar10", K, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _data() -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(64) % K)
+    return DataBundle(split, split.subset(torch.arange(16)), split.subset(torch.arange(16)), INFO)
+
+
+def _trainer(folder: Path, *overrides: str) -> Trainer:
+    args = ["student=tiny_cnn", "attack.steps=1", "optim.batch_size=16", "optim.epochs=2", "optim.milestones=[1]",
+            "val_every=0", f"output_dir={folder}", "device=cpu", "data.augment=true", *overrides]
+    for role in ("clean", "robust"):
+        path = folder / f"{role}.pt"
+        if not path.exists():
+            torch.manual_seed(len(role))
+            torch.save(build_model("tiny_cnn", K).state_dict(), path)
+        args += [f"teachers.{role}.arch=tiny_cnn", f"teachers.{role}.checkpoint={path}"]
+    return Trainer(build_config("smoke", overrides=args), data=_data(), device=torch.device("cpu"))
+
+
+def _fit(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    trainer.fit()
+    return torch.cat(trainer.state.trace), {k: v.clone() for k, v in trainer.student.state_dict().items()}
+
+
+def test_cached_runs_equal_uncached_and_share_batches_across_methods(tmp_path: Path) -> None:
+    cache = tmp_path / "logits"
+    plain = _fit(_trainer(tmp_path))
+    filling = _trainer(tmp_path, f"teachers.logit_cache={cache}")
+    filled = _fit(filling)
+    assert filling.teachers.clean.misses == 8 and filling.teachers.clean.hits == 0  # 2 epochs x 4 batches
+    reading = _trainer(tmp_path, f"teachers.logit_cache={cache}")
+    read = _fit(reading)
+    assert reading.teachers.clean.hits == 8 and reading.teachers.clean.misses == 0
+    for run in (filled, read):
+        assert torch.equal(plain[0].nan_to_num(-1), run[0].nan_to_num(-1))
+        assert all(torch.equal(plain[1][k], run[1][k]) for k in plain[1])
+    # Another balance on the same seed sees the same natural batches: all hits.
+    other = _trainer(tmp_path, f"teachers.logit_cache={cache}", "ebb.mode=solve")
+    other.fit()
+    assert other.teachers.clean.hits == 8 and other.teachers.clean.misses == 0
+    # Another seed draws other batches (order, crops): nothing to reuse.
+    reseeded = _trainer(tmp_path, f"teachers.logit_cache={cache}", "seed=1")
+    reseeded.fit()
+    assert reseeded.teachers.clean.hits == 0
+
+
+def test_other_teacher_weights_do_not_share_entries(tmp_path: Path) -> None:
+    x = torch.rand(4, 3, 16, 16)
+    a, b = build_model("tiny_cnn", K).eval(), build_model("tiny_cnn", K).eval()
+    ca, cb = CachedTeacher(a, tmp_path), CachedTeacher(b, tmp_path)
+    assert ca.folder != cb.folder
+    with torch.no_grad():
+        assert torch.equal(ca(x), a(x)) and torch.equal(cb(x), b(x))
+        assert torch.equal(ca(x), a(x)) and ca.hits == 1
+    # The key follows the values, not the memory layout.
+    assert batch_digest(x) == batch_digest(x.to(memory_format=torch.channels_last))
+    assert batch_digest(x) != batch_digest(x + 1e-7)
+
+
+def test_damaged_entry_is_recomputed(tmp_path: Path) -> None:
+    model = build_model("tiny_cnn", K).eval()
+    cached = CachedTeacher(model, tmp_path)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        want = cached(x)
+        entry = cached.folder / f"{batch_digest(x)}.pt"
+        entry.write_bytes(entry.read_bytes()[:20])  # truncated
+        again = CachedTeacher(model, tmp_path)
+        assert torch.equal(again(x), want) and again.misses == 1
+        assert torch.equal(CachedTeacher(model, tmp_path)(x), want)  # replaced by a whole entry
+
+
+def test_unwritable_cache_folder_is_one_line_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="teachers.logit_cache"):
+        CachedTeacher(build_model("tiny_cnn", K), blocker / "logits")
