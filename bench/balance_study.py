@@ -298,14 +298,15 @@ def report(args: argparse.Namespace) -> int:
                   + f" (validation W-Robust {best['validation']['val_w_robust']:.2f})."]
     lines += ["", "| arm | seeds | W-Robust PGD-20 (primary) | W-Robust AutoAttack | clean | PGD-20 | AutoAttack "
               "| final tau (adv, nat) | train s / run | eval s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def ms(rs: list[dict[str, Any]], name: str, key: str = "") -> str:
+        vals = [metric(r, name) if not key else r["accuracy"].get(key, math.nan) for r in rs]
+        return reproduce.fmt(*reproduce.mean_std(vals))
+
     for arm, rs in rows.items():
-        def ms(name: str, key: str = "") -> str:
-            vals = [metric(r, name) if not key else r["accuracy"].get(key, math.nan) for r in rs]
-            return reproduce.fmt(*reproduce.mean_std(vals))
         aa_acc = reproduce.fmt(*reproduce.mean_std([r["aa"]["accuracy"]["autoattack"] for r in rs if r["aa"]]))
         tau = [r["final_tau"] for r in rs if r["final_tau"]]
         taus = "-" if not tau else ", ".join(f"{statistics.mean(t[i] for t in tau):.2f}" for i in (0, 1))
-        lines.append(f"| {arm} | {len(rs)} | {ms(PRIMARY)} | {ms('w_aa')} | {ms('clean')} | {ms('', PRIMARY)} | "
+        lines.append(f"| {arm} | {len(rs)} | {ms(rs, PRIMARY)} | {ms(rs, 'w_aa')} | {ms(rs, 'clean')} | {ms(rs, '', PRIMARY)} | "
                      f"{aa_acc} | {taus} | {statistics.mean(r['train_seconds'] for r in rs):.0f} | "
                      f"{statistics.mean(r['eval_seconds'] for r in rs):.0f} |")
     present = [b for b in BASELINES if b in rows]
@@ -376,6 +377,10 @@ def main() -> int:
             return 2
     if args.results and not args.results.is_file():
         print(f"error: --results {args.results} does not exist", file=sys.stderr)
+        return 2
+    if args.results and not all(m in args.results.read_text() for m in (BEGIN, END)):
+        print(f"error: --results {args.results} has no balance-study block to replace ({BEGIN} ... {END})",
+              file=sys.stderr)
         return 2
     created = not args.out.exists()
     try:

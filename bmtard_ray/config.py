@@ -135,9 +135,7 @@ class TeachersConfig:
     robust: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="wrn34_10", train_method="trades"))
     cache_dir: str = ""               # "" = <output_dir>/teachers, so teachers follow --output-dir
     model_dir: str = ROBUSTBENCH_MODEL_DIR  # robustbench:<Name> is <model_dir>/<dataset>/Linf/<Name>.pt
-    # A folder for the clean teacher's outputs on natural batches (bmtard_ray.logit_cache); "" = off. Runs that
-    # share the seed and data settings see the same batches and reuse them; results are bit for bit the same.
-    logit_cache: str = ""
+    logit_cache: str = ""             # clean teacher's logits shared by a seed's runs (logit_cache.py); "" = off
 
 
 @dataclass
@@ -434,8 +432,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.mode in EBB_MODES, f"unknown ebb.mode '{e.mode}'; choose one of: {', '.join(EBB_MODES)}")
     _check(_finite(e.smoothing) and 0 <= e.smoothing < 1, f"ebb.smoothing must be in [0, 1), got {e.smoothing}")
     _check(_finite(e.tau_min) and e.tau_min > 0, f"ebb.tau_min must be > 0, got {e.tau_min}")
-    _check(_finite(e.tau_max) and e.tau_min <= e.tau_max,
-           f"ebb.tau_min ({e.tau_min}) must be <= ebb.tau_max ({e.tau_max})")
+    _check(_finite(e.tau_max) and e.tau_min <= e.tau_max, f"ebb.tau_min ({e.tau_min}) must be <= ebb.tau_max ({e.tau_max})")
     for key in ("tau_adv_init", "tau_nat_init"):
         v = getattr(e, key)
         # Solve mode never uses the initial temperatures, so their range is only checked where they act.
