@@ -50,6 +50,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     out.output_dir = fix(out.output_dir)
     out.teachers.cache_dir = fix(out.teachers.cache_dir)
     out.teachers.model_dir = fix(out.teachers.model_dir)
+    out.teachers.logit_cache = fix(out.teachers.logit_cache)
     for role in ("clean", "robust"):
         tc = getattr(out.teachers, role)
         tc.checkpoint = fix(tc.checkpoint)

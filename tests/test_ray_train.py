@@ -143,6 +143,8 @@ def test_absolute_paths_leave_uris_and_the_pyautoattack_name_alone(tmp_path: Pat
     assert (out.data.root, out.teachers.cache_dir) == (str(tmp_path / "data"), "")  # "" follows output_dir
     assert (out.output_dir, out.teachers.clean.checkpoint) == ("s3://b/runs", "pyautoattack")
     assert out.teachers.robust.checkpoint == str(tmp_path / "t.pt") and cfg.data.root == "data"  # a copy
+    cfg.teachers.logit_cache = "logits"  # trials must find the study's cache, not start one in their own folder
+    assert absolute_paths(cfg).teachers.logit_cache == str(tmp_path / "logits")
 
 
 def test_epoch_view_prints_a_line_per_epoch_with_eta_and_marks_a_restart() -> None:
