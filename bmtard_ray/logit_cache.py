@@ -24,31 +24,41 @@ from bmtard_ray import io
 from bmtard_ray.errors import CheckpointError, ConfigError
 
 
+def _bytes(t: Tensor) -> bytes:
+    """A tensor's values in logical (NCHW) order whatever its memory format; any dtype, bfloat16 included."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def weights_digest(model: nn.Module) -> str:
     """A hash of every parameter's and buffer's name and values: which teacher this is."""
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_bytes(t))
     return h.hexdigest()
 
 
 def batch_digest(x: Tensor) -> str:
-    """A hash of a batch's values (in NCHW order whatever its memory format), shape, dtype and autocast state."""
+    """A hash of a batch's values, shape, dtype and autocast state."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{tuple(x.shape)}|{x.dtype}|{torch.is_autocast_enabled(x.device.type)}".encode())
-    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    h.update(_bytes(x))
     return h.hexdigest()
 
 
 class CachedTeacher(nn.Module):
-    """Wraps a frozen teacher; ``forward`` reads the output from ``folder`` or computes and stores it."""
+    """Wraps a frozen teacher; ``forward`` reads the output from ``folder`` or computes and stores it.
+
+    Entries live in one folder per teacher and device type: the same teacher's logits differ in their last
+    bits between a CPU and a GPU, and a run must get what its own device computes. On a GPU each step copies
+    the batch to the host to hash it (a synchronisation): the cache is for CPU-bound studies."""
 
     def __init__(self, teacher: nn.Module, folder: str | Path) -> None:
         super().__init__()
         self.teacher = teacher
-        self.folder = Path(folder) / weights_digest(teacher)
+        device = next(teacher.parameters()).device.type
+        self.folder = Path(folder) / f"{weights_digest(teacher)}-{device}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
