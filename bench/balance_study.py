@@ -199,15 +199,49 @@ def metric(row: dict[str, Any], name: str) -> float:
     return row["w_robust"][name]
 
 
-def gap(a: list[dict[str, Any]], b: list[dict[str, Any]], name: str) -> str:
-    """Mean difference ± its standard error (Welch); "clear" beyond two standard errors."""
+def difference(a: list[dict[str, Any]], b: list[dict[str, Any]], name: str) -> tuple[float, float] | None:
+    """Mean of a minus mean of b and the standard error of that difference (Welch); None below 2 seeds each."""
     xa = [metric(r, name) for r in a if not math.isnan(metric(r, name))]
     xb = [metric(r, name) for r in b if not math.isnan(metric(r, name))]
     if len(xa) < 2 or len(xb) < 2:
-        return "-"
+        return None
     d = statistics.mean(xa) - statistics.mean(xb)
-    se = math.sqrt(statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb))
+    return d, math.sqrt(statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb))
+
+
+def gap(a: list[dict[str, Any]], b: list[dict[str, Any]], name: str) -> str:
+    """The difference ± its standard error; "clear" beyond two standard errors."""
+    found = difference(a, b, name)
+    if found is None:
+        return "-"
+    d, se = found
     return f"{d:+.2f} ± {se:.2f}" + (" (clear)" if abs(d) > 2 * se else "")
+
+
+def verdict(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The two questions of RESULTS.md's rule, decided before the study, answered from the primary metric."""
+    def beats(a: str, b: str) -> bool | None:
+        found = difference(rows.get(a, []), rows.get(b, []), PRIMARY)
+        return None if found is None else found[0] > 2 * found[1]
+
+    balanced = [a for a in ARMS if a.startswith("bmtard-")]
+    first = {a: beats(a, "mtard") for a in balanced}
+    worse = [a for a in balanced if beats("mtard", a)]
+    if any(first.values()):
+        q1 = "**yes**: " + ", ".join(a for a, v in first.items() if v)
+    elif None in first.values():
+        q1 = "cannot be read yet (fewer than 2 seeds of an arm)"
+    else:
+        q1 = "**no**" + (f" (clearly worse than MTARD: {', '.join(worse)})" if worse else "")
+    second = {a: [beats(a, s) for s in ("bmtard-step", "bmtard-step-large")] for a in ("bmtard-solve", "bmtard-tuned")}
+    if any(all(v) for v in second.values() if None not in v):
+        q2 = "**yes**: " + ", ".join(a for a, v in second.items() if None not in v and all(v))
+    elif any(None in v for v in second.values()):
+        q2 = "cannot be read yet (fewer than 2 seeds of an arm)"
+    else:
+        q2 = "**no**"
+    return [f"- Does some balanced arm beat MTARD by a clear gap on the primary metric? {q1}.",
+            f"- Does the exact or the tuned balance beat both sign steps by a clear gap? {q2}."]
 
 
 def figure(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
@@ -327,6 +361,8 @@ def report(args: argparse.Namespace) -> int:
         bb = rows.get(best_base, []) if best_base and arm != best_base else []
         lines.append(f"| {arm} | {gap(rs, m, PRIMARY)} | {gap(rs, m, 'w_aa')} | {gap(rs, m, 'clean')} | "
                      f"{gap(rs, bb, PRIMARY)} | {gap(rs, bb, 'w_aa')} |")
+    lines += ["", "By the rule written down before the study (primary metric, clear = beyond two standard errors):",
+              *verdict(rows)]
     fig = figure(args, rows, args.figures / f"{args.scale}_balance_study.png")
     if fig is not None:
         rel = Path(os.path.relpath(fig.resolve(), args.results.parent.resolve())) if args.results else Path(fig.name)

@@ -32,6 +32,7 @@ def test_smoke_study_runs_every_arm_resumes_and_writes_its_block(tmp_path: Path,
         assert f"| {arm} | 2 |" in text
         assert (out / "runs" / f"{arm}-seed1" / "suite" / "suite" / "model_test.json").is_file()
     assert "| bmtard-solve | " in text.split("Gaps")[1] and "W-Robust PGD-20 (primary)" in text
+    assert "Does some balanced arm beat MTARD by a clear gap on the primary metric?" in text
     assert (out / "smoke_balance_study.png").stat().st_size > 1000
     # The tuned arm trains with the search's choice, the space's fixed settings included.
     best = json.loads((out / "search" / "ebb" / "summary.json").read_text())["best"]["effective"]
@@ -74,3 +75,25 @@ def test_report_only_before_any_run_says_so(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(tmp_path / "s"),
                            "--report-only"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no robust teacher" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _rows(**primary: list[float]) -> dict[str, list[dict]]:
+    return {arm.replace("_", "-"): [{"w_robust": {"pgd_sat": v}, "accuracy": {"clean": v}, "aa": None} for v in vals]
+            for arm, vals in primary.items()}
+
+
+def test_verdict_follows_the_rule_written_before_the_study() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import balance_study as study
+
+    noise = [30.0, 31.0, 30.5]
+    rows = _rows(mtard=noise, bmtard_step=noise, bmtard_step_large=[30.2, 31.1, 30.4],
+                 bmtard_solve=[35.0, 36.0, 35.5], bmtard_tuned=[31.0, 30.0, 30.5])
+    q1, q2 = study.verdict(rows)
+    assert q1.endswith("**yes**: bmtard-solve.") and q2.endswith("**yes**: bmtard-solve.")
+    rows = _rows(mtard=noise, bmtard_step=noise, bmtard_step_large=noise, bmtard_solve=[31.0, 30.0, 30.6],
+                 bmtard_tuned=[20.0, 21.0, 20.5])
+    q1, q2 = study.verdict(rows)
+    assert q1.endswith("**no** (clearly worse than MTARD: bmtard-tuned).") and q2.endswith("**no**.")
+    rows["bmtard-solve"] = rows["bmtard-solve"][:1]  # one seed: no standard error, no reading
+    assert all("cannot be read yet" in q for q in study.verdict(rows))
