@@ -8,8 +8,8 @@ seeds and teachers (the pyautoattack ResNet-18 as clean teacher), each run evalu
     python bench/balance_study.py --scale cpu --out runs/balance-study --report-only   # table of what finished
 
 Resumable: a run with summary.json, an evaluation with its report and a finished search are reused; a run
-stopped mid-way continues from its last epoch checkpoint. Runs go seed by seed (every arm of seed 0 first),
-so an interrupted study holds whole seeds. The clean teacher's outputs are cached on disk
+stopped mid-way continues from its last epoch checkpoint. The core comparison (MTARD and the three fixed
+balances) runs on every seed first, then the search and the tuned arm, then SAT and TRADES. The clean teacher's outputs are cached on disk
 (``teachers.logit_cache``): every arm of a seed feeds it the same natural batches, so only the first pays
 for its forward passes, and the cached runs compute bit for bit what uncached ones would.
 """
@@ -148,20 +148,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
+# The order in which an interrupted study is most useful: the question's core comparison (MTARD against the
+# fixed balances) on every seed first, then the search and the tuned arm, then the reference points. Within a
+# phase, seed by seed: the first arm of a seed fills its clean-teacher cache for all the others.
+PHASES = (("mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve"), ("bmtard-tuned",), BASELINES)
+
+
 def plan(args: argparse.Namespace) -> list[tuple[int, str]]:
-    """Seed-major: every arm of seed 0, then seed 1, ... (an interrupted study holds whole seeds)."""
-    return [(seed, arm) for seed in range(args.seeds) for arm in args.arms]
+    return [(seed, arm) for phase in PHASES for seed in range(args.seeds) for arm in phase if arm in args.arms]
 
 
 def study(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     robust = robust_teacher(args)
-    found: dict[str, Any] = {"robust_teacher": robust}
     tuned: list[str] | None = None
     for seed, arm in plan(args):
         if arm == "bmtard-tuned" and tuned is None:
-            found["search"] = search(args, robust)
-            tuned = tuned_overrides(found["search"])
+            tuned = tuned_overrides(search(args, robust))
         cfg = run_config(args, arm, seed, [f"teachers.robust.checkpoint={robust}",
                                             *(tuned if arm == "bmtard-tuned" else [])])
         print(f"== {arm} seed {seed}", flush=True)

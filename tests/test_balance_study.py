@@ -97,3 +97,16 @@ def test_verdict_follows_the_rule_written_before_the_study() -> None:
     assert q1.endswith("**no** (clearly worse than MTARD: bmtard-tuned).") and q2.endswith("**no**.")
     rows["bmtard-solve"] = rows["bmtard-solve"][:1]  # one seed: no standard error, no reading
     assert all("cannot be read yet" in q for q in study.verdict(rows))
+
+
+def test_plan_runs_every_arm_and_seed_once_core_comparison_first() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import argparse
+
+    import balance_study as study
+
+    order = study.plan(argparse.Namespace(seeds=3, arms=list(study.ARMS)))
+    assert sorted(order) == sorted((s, a) for s in range(3) for a in study.ARMS)
+    core = [i for i, (_, a) in enumerate(order) if a in ("mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve")]
+    assert core == list(range(12))  # all seeds of the core comparison before the search, the tuned arm, SAT, TRADES
+    assert [a for s, a in order[:4]] == ["mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve"]  # mtard fills
