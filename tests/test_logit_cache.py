@@ -8,33 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmtard_ray.config import build_config
-from bmtard_ray.data import DataBundle, DatasetInfo, Split
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.logit_cache import CachedTeacher, batch_digest
 from bmtard_ray.loop import Trainer
 from bmtard_ray.models import build_model
+from test_mid_epoch import _trainer  # the mid-epoch tests' runs: 80 synthetic images, batch 16, 2 epochs
 
 K = 10
-INFO = DatasetInfo("cifar10", K, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-
-def _data() -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(64) % K)
-    return DataBundle(split, split.subset(torch.arange(16)), split.subset(torch.arange(16)), INFO)
-
-
-def _trainer(folder: Path, *overrides: str) -> Trainer:
-    args = ["student=tiny_cnn", "attack.steps=1", "optim.batch_size=16", "optim.epochs=2", "optim.milestones=[1]",
-            "val_every=0", f"output_dir={folder}", "device=cpu", "data.augment=true", *overrides]
-    for role in ("clean", "robust"):
-        path = folder / f"{role}.pt"
-        if not path.exists():
-            torch.manual_seed(len(role))
-            torch.save(build_model("tiny_cnn", K).state_dict(), path)
-        args += [f"teachers.{role}.arch=tiny_cnn", f"teachers.{role}.checkpoint={path}"]
-    return Trainer(build_config("smoke", overrides=args), data=_data(), device=torch.device("cpu"))
 
 
 def _fit(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -47,17 +27,17 @@ def test_cached_runs_equal_uncached_and_share_batches_across_methods(tmp_path: P
     plain = _fit(_trainer(tmp_path))
     filling = _trainer(tmp_path, f"teachers.logit_cache={cache}")
     filled = _fit(filling)
-    assert filling.teachers.clean.misses == 8 and filling.teachers.clean.hits == 0  # 2 epochs x 4 batches
+    assert filling.teachers.clean.misses == 10 and filling.teachers.clean.hits == 0  # 2 epochs x 5 batches
     reading = _trainer(tmp_path, f"teachers.logit_cache={cache}")
     read = _fit(reading)
-    assert reading.teachers.clean.hits == 8 and reading.teachers.clean.misses == 0
+    assert reading.teachers.clean.hits == 10 and reading.teachers.clean.misses == 0
     for run in (filled, read):
         assert torch.equal(plain[0].nan_to_num(-1), run[0].nan_to_num(-1))
         assert all(torch.equal(plain[1][k], run[1][k]) for k in plain[1])
     # Another balance on the same seed sees the same natural batches: all hits.
     other = _trainer(tmp_path, f"teachers.logit_cache={cache}", "ebb.mode=solve")
     other.fit()
-    assert other.teachers.clean.hits == 8 and other.teachers.clean.misses == 0
+    assert other.teachers.clean.hits == 10 and other.teachers.clean.misses == 0
     # Another seed draws other batches (order, crops): nothing to reuse.
     reseeded = _trainer(tmp_path, f"teachers.logit_cache={cache}", "seed=1")
     reseeded.fit()
