@@ -1,8 +1,11 @@
-"""bench/balance_study.py (issue 17): the study end to end at smoke scale (every arm, the search, the tuned
-arm retrained with the search's choice, the report), resumed without redoing anything, and its bad input."""
+"""bench/balance_study.py (issues 17 and 29): the study end to end at smoke scale (every arm at both teacher
+strengths, the searches, the tuned arms retrained with their search's choice, the report), its records (a
+fresh clone rewrites the block and figures from them byte for byte), resumed without redoing anything, and its
+bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,38 +19,54 @@ ARMS = ("mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve", "bmtard-tun
 
 
 @pytest.mark.slow
-def test_smoke_study_runs_every_arm_resumes_and_writes_its_block(tmp_path: Path, cifar_root: Path) -> None:
-    out = tmp_path / "study"
+def test_smoke_study_runs_every_arm_records_resumes_and_writes_its_block(tmp_path: Path, cifar_root: Path) -> None:
+    out, records = tmp_path / "study", tmp_path / "records"
     results = tmp_path / "RESULTS.md"
     results.write_text("# kept above\n<!-- balance-study:begin (written by bench/balance_study.py) -->\nold\n"
                        "<!-- balance-study:end -->\nkept below\n")
-    cmd = [sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(out), "--data-root", str(cifar_root),
-           "--device", "cpu", "--results", str(results)]
+    cmd = [sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(out), "--records", str(records),
+           "--data-root", str(cifar_root), "--device", "cpu", "--results", str(results), "--figures", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("# kept above\n") and text.endswith("<!-- balance-study:end -->\nkept below\n")
-    assert "\nold\n" not in text and "14 of 14 runs finished" in text and "Partial" not in text
+    assert "\nold\n" not in text and "24 of 24 runs finished" in text and "Partial" not in text
+    weak, strong = text.split("### Weak robust teacher")[1].split("### Strong robust teacher")
     for arm in ARMS:
-        assert f"| {arm} | 2 |" in text
-        assert (out / "runs" / f"{arm}-seed1" / "suite" / "suite" / "model_test.json").is_file()
-    assert "| bmtard-solve | " in text.split("Gaps")[1] and "W-Robust PGD-20 (primary)" in text
-    assert "Does some balanced arm beat MTARD by a clear gap on the primary metric?" in text
-    assert (out / "smoke_balance_study.png").stat().st_size > 1000
-    # The tuned arm trains with the search's choice, the space's fixed settings included.
-    best = json.loads((out / "search" / "ebb" / "summary.json").read_text())["best"]["effective"]
-    saved = yaml.safe_load((out / "runs" / "bmtard-tuned-seed1" / "config.yaml").read_text())
+        assert f"| {arm} | 2 |" in weak and f"| {arm} | 2 |" in strong
+    assert "W-Robust PGD-20 (primary)" in weak and "| bmtard-solve | " in weak.split("Gaps")[1]
+    assert "Does some balanced arm beat MTARD by a clear gap on the primary metric?" in strong
+    assert "Does the answer change with the teacher's strength?" in text and "| Spearman |" in weak
+    for group, arm in [("weak", a) for a in ARMS[:5]] + [("strong", a) for a in ARMS[:5]] + [("shared", "sat")]:
+        assert (records / "runs" / group / f"{arm}-seed1.json").is_file()
+    assert {"clean", "robust-weak", "robust-strong"} <= set(json.loads((records / "teachers.json").read_text())["teachers"])
+    # The tuned arm trains with its search's choice, the space's fixed settings included.
+    best = json.loads((records / "search" / "strong.json").read_text())["summary"]["best"]["effective"]
+    saved = yaml.safe_load((out / "runs" / "strong" / "bmtard-tuned-seed1" / "config.yaml").read_text())
     assert saved["ebb"]["target_mode"] == "fraction"
     for key, value in best.items():
         assert saved["ebb"][key.split(".")[1]] == pytest.approx(value)
-    # The clean teacher ran once per batch of each seed: the other arms and the search read its logits.
+    # The clean teacher ran once per batch of each seed: every other arm, both strengths and the searches read it.
     entries = list((out / "logits").glob("*/*.pt"))
     assert len(entries) == 2 * 8  # 2 seeds x (256 images / batch 32) x 1 epoch
-    # Again: nothing is trained, searched or evaluated twice.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # A fresh clone (records only, no run folders) rewrites the block and figures byte for byte.
+    block, figures = text, {f.name: f.read_bytes() for f in tmp_path.glob("smoke_balance_study_*.png")}
+    assert len(figures) == 2
+    shutil.rmtree(out)
+    for f in tmp_path.glob("smoke_balance_study_*.png"):
+        f.unlink()
+    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "epoch   1/" not in again.stdout and "search: " not in again.stdout and "model_test.json" not in again.stdout
-    assert len(list((out / "logits").glob("*/*.pt"))) == 16
+    assert results.read_text() == block
+    assert {f.name: f.read_bytes() for f in tmp_path.glob("smoke_balance_study_*.png")} == figures
+    # On a fresh machine with the records: only the run without a record is trained (its transfer source, the
+    # weak teacher, is retrained from its seed and its weights' hash matches the record's: no note).
+    (records / "runs" / "shared" / "trades-seed1.json").unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("== ") == 1 and "== shared: trades seed 1" in again.stdout, again.stdout[-3000:]
+    assert "search (" not in again.stdout and "retrained here" not in again.stdout
+    assert (records / "runs" / "shared" / "trades-seed1.json").is_file() and "24 of 24 runs" in results.read_text()
 
 
 def test_unknown_arm_is_refused_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
@@ -74,7 +93,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, flags: list[st
 def test_report_only_before_any_run_says_so(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(tmp_path / "s"),
                            "--report-only"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "no robust teacher" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "no study records in" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def _rows(**primary: list[float]) -> dict[str, list[dict]]:
@@ -84,7 +104,7 @@ def _rows(**primary: list[float]) -> dict[str, list[dict]]:
 
 def test_verdict_follows_the_rule_written_before_the_study() -> None:
     sys.path.insert(0, str(REPO / "bench"))
-    import balance_study as study
+    import study_report as study
 
     noise = [30.0, 31.0, 30.5]
     rows = _rows(mtard=noise, bmtard_step=noise, bmtard_step_large=[30.2, 31.1, 30.4],
@@ -99,14 +119,50 @@ def test_verdict_follows_the_rule_written_before_the_study() -> None:
     assert all("cannot be read yet" in q for q in study.verdict(rows))
 
 
-def test_plan_runs_every_arm_and_seed_once_core_comparison_first() -> None:
+def test_plan_runs_every_arm_and_seed_once_core_comparisons_first() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     import argparse
 
     import balance_study as study
 
-    order = study.plan(argparse.Namespace(seeds=3, arms=list(study.ARMS)))
-    assert sorted(order) == sorted((s, a) for s in range(3) for a in study.ARMS)
-    core = [i for i, (_, a) in enumerate(order) if a in ("mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve")]
-    assert core == list(range(12))  # all seeds of the core comparison before the search, the tuned arm, SAT, TRADES
-    assert [a for s, a in order[:4]] == ["mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve"]  # mtard fills
+    order = study.plan(argparse.Namespace(seeds=3, arms=list(study.ARMS), strengths=["weak", "strong"]))
+    expected = [(g, s, a) for g in ("weak", "strong") for s in range(3) for a in ARMS[:5]]
+    assert sorted(order) == sorted(expected + [("shared", s, a) for s in range(3) for a in ("sat", "trades")])
+    core = ("mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve")
+    # The core comparison at each strength (all seeds) before the searches, the tuned arms, SAT and TRADES.
+    assert [(g, a in core) for g, _, a in order[:24]] == [("weak", True)] * 12 + [("strong", True)] * 12
+    assert [a for _, _, a in order[:4]] == list(core)  # mtard first: it fills the seed's clean-teacher cache
+    assert [g for g, _, _ in order[-6:]] == ["shared"] * 6
+    weak_only = study.plan(argparse.Namespace(seeds=1, arms=list(study.ARMS), strengths=["weak"]))
+    assert {g for g, _, _ in weak_only} == {"weak", "shared"}
+
+
+def test_rank_correlation_and_its_interval() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import study_report as report
+
+    assert report.ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]
+    same = [[float(i), float(i) + 1] for i in range(6)]
+    assert all(abs(rho - 1) < 1e-12 for _, rho, _, _ in report.rank_correlations(same))
+    flipped = [[float(i), float(-i)] for i in range(6)]
+    (_, first, lo, hi), (_, last, _, _) = report.rank_correlations(flipped)
+    assert abs(first + 1) < 1e-12 and abs(last - 1) < 1e-12 and lo <= first <= hi
+    assert report.rank_correlations(same[:3]) == []  # too few curves to say anything
+
+
+@pytest.mark.parametrize("mode", ["step", "solve"])
+def test_validating_every_epoch_leaves_training_bit_for_bit_the_same(tmp_path: Path, mode: str) -> None:
+    """The study's runs validate after every epoch (val_every=1) for the early-versus-final ranking; the
+    validation attack must draw from its own generator and leave the student in training mode, so that the
+    trace and the weights equal a run that never validates."""
+    import torch
+    from test_mid_epoch import _result, _same, _trainer
+
+    plain = _trainer(tmp_path, "val_every=0", f"ebb.mode={mode}")
+    plain.fit()
+    validated = _trainer(tmp_path, "val_every=1", f"ebb.mode={mode}")
+    validated.fit()
+    assert [h.get("val_w_robust") is not None for h in validated.state.history] == [True, True]
+    assert all("val_w_robust" not in h for h in plain.state.history)
+    _same(_result(plain), _result(validated))
+    assert torch.equal(torch.cat(plain.state.trace).nan_to_num(-1), torch.cat(validated.state.trace).nan_to_num(-1))
