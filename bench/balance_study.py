@@ -32,13 +32,14 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import reproduce  # noqa: E402  (bench/reproduce.py: the suite, statistics and hardware helpers)
-from bmtard_ray import io  # noqa: E402
+
 from bmtard_ray.config import RunConfig, build_config  # noqa: E402
 from bmtard_ray.errors import BmtardError  # noqa: E402
-from bmtard_ray.runner import run_local  # noqa: E402
-from bmtard_ray.storage import CHECKPOINT_FILE  # noqa: E402
-from bmtard_ray.teachers import cached_path, ensure_teachers  # noqa: E402
-from bmtard_ray.tuning.search_space import load_space  # noqa: E402
+from bmtard_ray.launch.local import run_local  # noqa: E402
+from bmtard_ray.runtime import fileio as io  # noqa: E402
+from bmtard_ray.storage.checkpoints import FILE as CHECKPOINT_FILE  # noqa: E402
+from bmtard_ray.training.teachers import cached_path, ensure_teachers  # noqa: E402
+from bmtard_ray.tuning.space import load_space  # noqa: E402
 
 SPACE = "ebb"
 LARGE_ETA = 0.02  # 20x the paper's 0.001: over the cpu scale's 395 iterations a temperature can travel ~6
@@ -279,7 +280,7 @@ def figure(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], path
 
 def teacher_lines(args: argparse.Namespace, robust: str) -> list[str]:
     """Both teachers' test accuracy on the suite's images (clean and PGD-20), evaluated once."""
-    from bmtard_ray.evaluation.cli import main as run_eval
+    from bmtard_ray.cli.evaluate import main as run_eval
 
     out = []
     for role, spec in (("clean (pyautoattack ResNet-18)", "pyautoattack"), ("robust (toolkit)", robust)):

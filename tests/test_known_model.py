@@ -16,7 +16,7 @@ import torch
 from bmtard_ray.config import EvalConfig
 from bmtard_ray.data import Split
 from bmtard_ray.evaluation import evaluate
-from bmtard_ray.models.checkpoint import load_model
+from bmtard_ray.models.files import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 N_EXACT = 1017

@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from bmtard_ray.cli.common import guarded
 from bmtard_ray.config import EvalConfig
 from bmtard_ray.data import dataset_info, load_dataset, train_val_split
-from bmtard_ray.cli import os_error_line
-from bmtard_ray.device import select_device
-from bmtard_ray.errors import BmtardError, ConfigError
+from bmtard_ray.errors import ConfigError
 from bmtard_ray.evaluation.core import check_attacks, evaluate
 from bmtard_ray.evaluation.probe import chance_warning
 from bmtard_ray.evaluation.report import print_table, write_reports
-from bmtard_ray.models.checkpoint import PYAUTOATTACK, inspect_checkpoint, load_model
-from bmtard_ray.names import (ATTACK_NAMES, BLACK_BOX, DATASET_NAMES, DEVICES, MODEL_NAMES, ROBUSTBENCH_MODEL_DIR,
-                              is_robustbench)
-from bmtard_ray.preflight import probe_writable
-
+from bmtard_ray.launch.preflight import probe_writable
+from bmtard_ray.models.files import PYAUTOATTACK, inspect_checkpoint, load_model
+from bmtard_ray.names import (
+    ATTACK_NAMES,
+    BLACK_BOX,
+    DATASET_NAMES,
+    DEVICES,
+    MODEL_NAMES,
+    ROBUSTBENCH_MODEL_DIR,
+    is_robustbench,
+)
+from bmtard_ray.runtime.device import select_device
 
 
 def parse_eps(text: str) -> float:
@@ -182,16 +189,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except BmtardError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no report was written", file=sys.stderr)
-        return 130
+def _main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+main = guarded(_main, interrupted="interrupted; no report was written")

@@ -1,8 +1,7 @@
-"""Command-line front end of run_train.py: options -> validated RunConfig -> a runner.
+"""run_train.py: options -> validated RunConfig -> a run in this process (``--local``) or through Ray Train.
 
-Configuration errors are found here, before any worker starts or any file is written; every
-:class:`~bmtard_ray.errors.BmtardError` (and any ``OSError`` that reaches here) becomes ``error: <one line>``
-and exit status 2. A Ctrl-C exits with 130 and names ``--resume`` only when a checkpoint exists to resume.
+Configuration errors are found here, before any worker starts or any file is written (see
+:mod:`bmtard_ray.cli.common` for how errors and Ctrl-C end the command).
 
 ``--resume`` continues the run that is there: the saved config defines what is trained, and only the keys of
 :data:`RESUME_KEYS` (more epochs, where and how fast it runs, validation and checkpoint cadence) may change.
@@ -10,82 +9,19 @@ and exit status 2. A Ctrl-C exits with 130 and names ``--resume`` only when a ch
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-from bmtard_ray.config import (RunConfig, _apply, build_config, flat_keys, from_dict, nest, parse_override,
-                               preset_names, to_dict, validate)
-from bmtard_ray.names import METHOD_NAMES
-from bmtard_ray.errors import BmtardError, ConfigError
-from bmtard_ray.storage import exists, is_uri, join, load_resume_state, resumable, run_dir_of_checkpoint
+from bmtard_ray.cli.common import add_config_args, config_from_args, given_shortcuts, guarded, on_interrupt
+from bmtard_ray.config import RunConfig, flat_keys, from_dict, nest, parse_override, to_dict, update, validate
+from bmtard_ray.errors import ConfigError
+from bmtard_ray.storage import checkpoints
+from bmtard_ray.storage.paths import exists, is_uri, join
+from bmtard_ray.storage.run_folder import MODEL_FILE
 
-# Shortcut flags -> dotted config keys.
-SHORTCUTS = {"method": "method.name", "student": "student", "dataset": "data.dataset", "data_root": "data.root",
-             "epochs": "optim.epochs", "name": "name", "output_dir": "output_dir", "device": "device", "seed": "seed",
-             "batch_size": "optim.batch_size"}
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("configuration (applied in this order)")
-    g.add_argument("--preset", help=f"base preset: {', '.join(preset_names())} (default: cpu)")
-    g.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file of overrides (repeatable)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="dotted override, e.g. --set ebb.eta_tau=0.002 (repeatable)")
-    g.add_argument("--method", help=f"one of: {', '.join(METHOD_NAMES)}")
-    g.add_argument("--student", help="student architecture")
-    g.add_argument("--dataset", help="cifar10, cifar100 or tiny-imagenet")
-    g.add_argument("--data-root", help="folder holding cifar-10-batches-py/ etc. (default: data)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="global batch size")
-    g.add_argument("--name", help="run name (the output folder's name)")
-    g.add_argument("--output-dir", help="parent folder of run folders (default: runs)")
-    g.add_argument("--device", help="auto, cpu or cuda")
-    g.add_argument("--seed", type=int)
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    shortcuts = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()
-                 if getattr(args, attr, None) is not None]
-    return build_config(args.preset or "cpu", args.config, shortcuts + list(args.overrides))
-
-
-# What an interrupted command could be resumed from: set by the command once it knows its folder; returns the
-# folder when something there can be resumed, else None (then a Ctrl-C does not mention --resume).
-_resume_hint: list[Callable[[], str | None]] = []
-
-
-def on_interrupt(resumable_folder: Callable[[], str | None], command: str) -> None:
-    _resume_hint[:] = [lambda: (f"python {command} --resume {folder}"
-                                if (folder := resumable_folder()) is not None else None)]
-
-
-def os_error_line(exc: OSError) -> str:
-    path = exc.filename if exc.filename is not None else ""
-    other = f" -> {exc.filename2}" if exc.filename2 else ""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{path}{other}: {reason}" if path else reason
-
-
-def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """Turn user errors and OSErrors into one line on stderr and exit status 2; a Ctrl-C into status 130."""
-    def wrapper(argv: Sequence[str] | None = None) -> int:
-        _resume_hint.clear()
-        try:
-            return main(argv)
-        except BmtardError as exc:
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"error: {os_error_line(exc)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            hint = _resume_hint[0]() if _resume_hint else None
-            print(f"interrupted; continue with: {hint}" if hint else
-                  "interrupted before a checkpoint was written: nothing to resume", file=sys.stderr)
-            return 130
-    return wrapper
+if TYPE_CHECKING:
+    from bmtard_ray.ray_train import RayRunOptions
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -123,8 +59,15 @@ RAY_FLAGS = ("workers", "cpus_per_worker", "gpus_per_worker", "placement", "addr
              "keep_checkpoints", "ray_config", "resize_interval", "wait_for_workers")
 
 
-@guarded
-def train_main(argv: Sequence[str] | None = None) -> int:
+def ray_options(args: argparse.Namespace) -> RayRunOptions:
+    """The Ray run's options from the flags, over ``--ray-config``."""
+    from bmtard_ray.ray_train import ray_run_options
+
+    return ray_run_options({flag: getattr(args, flag, None) for flag in RAY_FLAGS if flag != "ray_config"},
+                           args.ray_config)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     if args.local:
         given = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f) is not None]
@@ -132,28 +75,30 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{', '.join(given)} only apply to Ray runs; drop --local or drop them")
     cfg, done = resolve_config(args)  # validated before Ray is even imported
     folder = run_folder(args, cfg)
-    on_interrupt(lambda: folder if resumable(folder) else None, "run_train.py")
-    if done is not None and done >= cfg.optim.epochs and exists(join(folder, "model.pt")):
+    on_interrupt(lambda: folder if checkpoints.resumable(folder) else None, "run_train.py")
+    if done is not None and done >= cfg.optim.epochs and exists(join(folder, MODEL_FILE)):
         print(f"{folder} already finished its {done} epochs; nothing to do (add epochs with --epochs N)")
         return 0
     if args.local:
-        from bmtard_ray.runner import run_local
+        from bmtard_ray.launch.local import run_local
 
         run_local(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
-    from bmtard_ray.ray_train import run_from_args
+    from bmtard_ray.ray_train import run_ray
 
-    run_from_args(cfg, args)
+    ray = ray_options(args)
+    run_ray(cfg, ray.scaling, address=ray.address, storage_path=ray.storage_path, resume=args.resume,
+            overwrite=args.overwrite, failure_max=ray.max_failures, keep_checkpoints=ray.keep_checkpoints)
     return 0
+
+
+main = guarded(_main)
 
 
 def run_folder(args: argparse.Namespace, cfg: RunConfig) -> str:
     """Where this command's run lives: the folder given to --resume, else <storage or output dir>/<name>."""
     if args.resume:
-        if is_uri(args.resume):
-            return str(args.resume).rstrip("/")
-        target = Path(args.resume).expanduser().resolve()
-        return str(run_dir_of_checkpoint(target) if target.is_file() else target)
+        return checkpoints.run_dir_of(args.resume)
     parent = getattr(args, "storage_path", None) or cfg.output_dir
     return join(parent if is_uri(parent) else str(Path(parent).expanduser().resolve()), cfg.name)
 
@@ -170,16 +115,15 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, int | None]:
     the changes :data:`RESUME_KEYS` allow."""
     if not getattr(args, "resume", None) or is_uri(args.resume):  # a URI run folder: config from the options
         return config_from_args(args), None
-    state, saved = load_resume_state(args.resume)
+    state, saved = checkpoints.load_resume_state(args.resume)
     given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config)) if value]
     if given:
         raise ConfigError(f"{' and '.join(given)} cannot be combined with --resume: the run continues with the "
                           f"config it saved (change only {', '.join(RESUME_KEYS)} with --set or their flags)")
-    shortcuts = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()
-                 if getattr(args, attr, None) is not None]
+    shortcuts = given_shortcuts(args)
     cfg = from_dict(to_dict(saved))
     if shortcuts or args.overrides:
-        _apply(cfg, nest(dict(parse_override(o) for o in shortcuts + list(args.overrides))))
+        update(cfg, nest(dict(parse_override(o) for o in shortcuts + list(args.overrides))))
     before, after = flat_keys(saved), flat_keys(cfg)
     for key, value in after.items():
         if value != before[key] and key not in RESUME_KEYS:

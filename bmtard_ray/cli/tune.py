@@ -1,4 +1,4 @@
-"""Command-line front end of run_tune.py: options -> validated space, base config and settings -> Ray Tune.
+"""run_tune.py: options -> validated space, base config and settings -> Ray Tune (or ``--review``).
 
 Every user error (unknown space, malformed YAML, a bad range, --num-samples 0, an objective trials do not
 report, a data folder that is missing, an experiment folder already in use) is found before Ray starts or
@@ -9,22 +9,30 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from bmtard_ray.cli import SHORTCUTS, add_config_args, guarded, on_interrupt
+from bmtard_ray.cli.common import add_config_args, given_shortcuts, guarded, on_interrupt, shortcut_flags
 from bmtard_ray.config import RunConfig, build_config, nest, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.storage import absolute_paths
 from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, teacher_roles
-from bmtard_ray.tuning.search_space import (SearchSpace, check_space, describe_space, load_space, space_names,
-                                           trial_methods)
-from bmtard_ray.tuning.settings import (DEFAULT_MULTI_OBJECTIVES, DEFAULT_OBJECTIVE, SAMPLERS, SCHEDULERS,
-                                        SETTINGS_FILE, TuneSettings, default_mode, objective_names)
+from bmtard_ray.storage.run_folder import absolute_paths
+from bmtard_ray.training.metrics import default_mode, objective_names
+from bmtard_ray.tuning.settings import (
+    DEFAULT_MULTI_OBJECTIVES,
+    DEFAULT_OBJECTIVE,
+    SAMPLERS,
+    SCHEDULERS,
+    SETTINGS_FILE,
+    TuneSettings,
+)
+from bmtard_ray.tuning.space import SearchSpace, describe_space, load_space, space_names
+from bmtard_ray.tuning.trials import check_space, trial_methods
 
 # --smoke-test: seconds per trial, yet trials that learn something and differ (see the preset's comment).
-SMOKE = {"space": "smoke", "preset": "smoke-search", "num_samples": 4, "final_attacks": "clean,fgsm,pgd_sat",
-         "final_examples": 64}
+SMOKE: dict[str, Any] = {"space": "smoke", "preset": "smoke-search", "num_samples": 4,
+                         "final_attacks": "clean,fgsm,pgd_sat", "final_examples": 64}
 
 
 def tune_parser() -> argparse.ArgumentParser:
@@ -51,7 +59,8 @@ def tune_parser() -> argparse.ArgumentParser:
                         f"{', '.join(objective_names())}")
     s.add_argument("--mode", choices=("max", "min"), help="direction of --objective (default: max, min for losses)")
     s.add_argument("--multi-objective", action="store_true",
-                   help=f"optimise {' and '.join(DEFAULT_MULTI_OBJECTIVES)} jointly (Pareto front) instead of one metric")
+                   help=f"optimise {' and '.join(DEFAULT_MULTI_OBJECTIVES)} jointly (Pareto front) instead of one "
+                        "metric")
     s.add_argument("--objectives", help="comma-separated metrics for --multi-objective "
                                         f"(default {','.join(DEFAULT_MULTI_OBJECTIVES)}; all maximised)")
     s.add_argument("--sampler", choices=SAMPLERS, default="tpe",
@@ -95,9 +104,9 @@ def preset_of(args: argparse.Namespace, space: SearchSpace) -> str:
 
 def base_config(args: argparse.Namespace, space: SearchSpace) -> RunConfig:
     """preset (or the space's) -> --config files -> the space's base.set -> shortcut flags -> --set."""
-    shortcuts = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()
-                 if attr not in ("name", "output_dir") and getattr(args, attr, None) is not None]
-    cfg = build_config(preset_of(args, space), args.config, shortcuts + list(args.overrides), extra=nest(space.base_set))
+    shortcuts = given_shortcuts(args, skip=("name", "output_dir"))
+    cfg = build_config(preset_of(args, space), args.config, shortcuts + list(args.overrides),
+                       extra=nest(space.base_set))
     # Tuning needs a validation score every epoch (ASHA compares trials at each rung, Optuna records the
     # curve) and a checkpoint every epoch (a stopped trial's last report must point at its weights).
     if cfg.val_every != 1 or cfg.checkpoint_every != 1:
@@ -116,7 +125,8 @@ def objectives_of(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str,
         if args.objective or args.mode:
             raise ConfigError("--objective/--mode are for one metric; with --multi-objective use --objectives a,b "
                               "(each in its natural direction: max for accuracies, min for losses)")
-        names = tuple(n.strip() for n in (args.objectives or ",".join(DEFAULT_MULTI_OBJECTIVES)).split(",") if n.strip())
+        given = args.objectives or ",".join(DEFAULT_MULTI_OBJECTIVES)
+        names = tuple(n.strip() for n in given.split(",") if n.strip())
         if len(names) < 2:
             raise ConfigError(f"--multi-objective needs at least two metrics, got {', '.join(names) or 'none'}")
         return names, tuple(default_mode(n) for n in names)
@@ -135,14 +145,16 @@ def settings_from_args(args: argparse.Namespace, space: SearchSpace, cfg: RunCon
     if (output_dir / name).resolve() == Path(teacher_cache_dir(cfg)).resolve():
         raise ConfigError(f"--name '{name}' would put the experiment into the teacher cache {output_dir / name}; "
                           "choose another name")
-    num_samples = args.num_samples if args.num_samples is not None else (SMOKE["num_samples"] if args.smoke_test else 16)
+    num_samples = (args.num_samples if args.num_samples is not None
+                   else SMOKE["num_samples"] if args.smoke_test else 16)
     final_attacks = args.final_attacks or (SMOKE["final_attacks"] if args.smoke_test else "")
     final_examples = args.final_examples or (SMOKE["final_examples"] if args.smoke_test else None)
     multi = len(objectives) > 1
     return TuneSettings(
         space_file=str(Path(space.source).resolve()), experiment_dir=str(output_dir / name),
         objectives=objectives, modes=modes, num_samples=num_samples, sampler=args.sampler,
-        scheduler=args.scheduler or ("fifo" if multi else "asha"), asha_metric=DEFAULT_OBJECTIVE if multi else objectives[0],
+        scheduler=args.scheduler or ("fifo" if multi else "asha"),
+        asha_metric=DEFAULT_OBJECTIVE if multi else objectives[0],
         grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         n_startup_trials=args.n_startup_trials, seed=args.search_seed, storage=args.storage,
         study_name=name, workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
@@ -210,15 +222,14 @@ def refuse_on_resume(args: argparse.Namespace) -> None:
                                       ("--preset", args.preset), ("--config", args.config),
                                       ("--set", args.overrides), ("--num-samples", args.num_samples))
              if value]
-    given += [f"--{attr.replace('_', '-')}" for attr in SHORTCUTS if getattr(args, attr, None) is not None]
+    given += shortcut_flags(args)
     if given:
         raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: the experiment continues with the "
                           "search and config it saved (only --final-attacks, --final-examples, --top, --address "
                           "and --num-cpus may be given)")
 
 
-@guarded
-def tune_main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = tune_parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:  # a log file or a job's output: room for the leaderboard's columns
@@ -228,22 +239,24 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     from bmtard_ray.ray_train import cluster
     from bmtard_ray.tuning import report, session
 
-    args.started_ray = False
+    launch = session.Launch(address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite, quiet=args.quiet)
     try:
         if args.resume:
             refuse_on_resume(args)
             on_interrupt(lambda: args.resume if has_tune_state(Path(args.resume)) else None, "run_tune.py")
-            outcome, settings = session.resume(Path(args.resume), args, console)
+            outcome, settings = session.resume(Path(args.resume), launch, console, final_attacks=args.final_attacks,
+                                               final_examples=args.final_examples,
+                                               top=args.top if args.top != 10 else None)
         else:
             settings, space, cfg = prepare(args)
             check_experiment_dir(settings, args.overwrite)
-            session.preflight(settings, space, cfg, args)
+            session.preflight(settings, space, cfg, launch)
             exp = Path(settings.experiment_dir)
             on_interrupt(lambda: str(exp) if has_tune_state(exp) else None, "run_tune.py")
             console.print(f"[bold]search space {space.name}[/bold] ({space.source}): {space.description}")
             for key, text in describe_space(space):
                 console.print(f"  {key}: {text}")
-            outcome, settings = session.start(settings, space, cfg, args, console)
+            outcome, settings = session.start(settings, space, cfg, launch, console)
         if not outcome.complete:
             report.write_partial(outcome, settings, console)
             if has_tune_state(outcome.experiment_dir):
@@ -255,4 +268,7 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
         summary = report.finish(outcome, settings, console)
         return 0 if summary["best"] is not None else 1
     finally:
-        cluster.shutdown_ray(args.started_ray)
+        cluster.shutdown_ray(launch.started_ray)
+
+
+main = guarded(_main)

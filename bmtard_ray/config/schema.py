@@ -1,24 +1,14 @@
-"""Run configuration: dataclasses, YAML presets, dotted overrides, and validation.
+"""What a run is: the configuration's dataclasses, every key with its default.
 
-A configuration is resolved once (preset YAML -> user YAML -> ``--set a.b=value`` overrides), validated
-before anything runs, and written next to the outputs. Every constant of REFERENCE.md has a field here,
-with the released value as its default.
+Every constant of docs/algorithm.md (the table of its §4.6) has a field here, with the released value as its
+default. Building a configuration from presets, files and overrides is :mod:`bmtard_ray.config.build`; its
+checks are :mod:`bmtard_ray.config.validate`.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from importlib import resources
-from pathlib import Path
-from typing import Any, get_type_hints
+from dataclasses import dataclass, field
 
-import yaml
-
-from bmtard_ray.errors import ConfigError
-from bmtard_ray.names import (ATTACK_NAMES, DATASET_DEFAULTS, DATASET_NAMES, DEVICES, METHOD_NAMES, MODEL_NAMES,
-                              ROBUSTBENCH_MODEL_DIR, TEACHER_TRAIN_METHODS, apply_checkpoint_archs,
-                              check_robustbench_dataset, is_robustbench, robustbench_name)
+from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR
 
 CONFIG_FORMAT = "bmtard_ray.config/1"  # written at the top of every run's config.yaml
 REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
@@ -42,7 +32,7 @@ class DataConfig:
 
 @dataclass
 class AttackConfig:
-    """Training-time PGD against the student (REFERENCE §1.1)."""
+    """Training-time PGD against the student (docs/algorithm.md §2.1)."""
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
@@ -51,7 +41,7 @@ class AttackConfig:
 
 @dataclass
 class LossConfig:
-    """How the distillation KLs are reduced (REFERENCE §1.3)."""
+    """How the distillation KLs are reduced (docs/algorithm.md §2.3)."""
     reduction: str = "elementwise_mean"  # released: mean over all B*K elements (= batch-mean KL / K)
     log_eps: float = 1e-5                # added inside the teacher's log, as released
     scale: float = 1.0                   # dataset-dependent default: 10 for CIFAR-100 (DATASET_DEFAULTS)
@@ -59,7 +49,7 @@ class LossConfig:
 
 @dataclass
 class EBBConfig:
-    """Entropy-Based Balance (REFERENCE §1.4), its searchable generalisation (§3) and our exact variant (§3b).
+    """Entropy-Based Balance (docs/algorithm.md §2.4), its searchable generalisation (§5) and our exact variant (§6).
 
     ``mode: step`` is the paper's sign step of ``eta_tau`` per iteration from the initial temperatures.
     ``mode: solve`` (this project's extension, not the paper's) solves every iteration, on the global batch,
@@ -80,7 +70,7 @@ class EBBConfig:
 
 @dataclass
 class NLBConfig:
-    """Normalization Loss Balance (REFERENCE §1.5) and its generalisation (§3)."""
+    """Normalization Loss Balance (docs/algorithm.md §2.5) and its generalisation (§5.3)."""
     enabled: bool = True
     w_adv_init: float = 0.5
     beta: float = 1.0
@@ -174,325 +164,6 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Building a config from nested dicts (YAML) and dotted overrides.
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming the key."""
-    text = str(hint)
-    if value is None:
-        if "None" in text:
-            return None
-        raise ConfigError(f"{path} must not be null")
-    try:
-        if text.startswith("tuple"):
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            inner = float if "float" in text else int if "int" in text else str
-            return tuple(_scalar(v, inner, path) for v in value)
-        if "bool" in text:
-            return _scalar(value, bool, path)
-        if "int" in text and "float" not in text:
-            return _scalar(value, int, path)
-        if "float" in text:
-            return _scalar(value, float, path)
-        if "str" in text:
-            return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read {value!r} as {text}") from exc
-    return value
-
-
-def _scalar(value: Any, kind: type, path: str) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ValueError(value)
-    if kind is int:
-        if isinstance(value, bool):
-            raise ValueError(value)
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return int(float(value)) if isinstance(value, str) else int(value)
-    if kind is float:
-        if isinstance(value, str) and "/" in value:  # "8/255" is how eps is usually written
-            num, den = value.split("/", 1)
-            return float(num) / float(den)
-        if isinstance(value, bool):
-            raise ValueError(value)
-        return float(value)
-    return kind(value)
-
-
-def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    hints = get_type_hints(type(obj))
-    names = {f.name for f in fields(obj)}
-    for key, value in updates.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(sorted(names))}")
-        current = getattr(obj, key)
-        if is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path} is a section; give it a mapping, not {value!r}")
-            _apply(current, value, prefix=f"{path}.")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], path))
-
-
-def preset_names() -> list[str]:
-    folder = resources.files("bmtard_ray") / "presets"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    # A run's config.yaml carries its format; any version-1 file reads as overrides (others refuse).
-    found = data.pop("format", CONFIG_FORMAT)
-    if found != CONFIG_FORMAT:
-        raise ConfigError(f"{path}: config format {found!r} is not one this version reads ({CONFIG_FORMAT})")
-    return data
-
-
-def preset_dict(name: str) -> dict[str, Any]:
-    names = preset_names()
-    if name not in names:
-        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(names)}")
-    text = (resources.files("bmtard_ray") / "presets" / f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", parsed YAML scalar)."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key.sub=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{key}' conflicts with another override")
-        node[parts[-1]] = value
-    return out
-
-
-def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    """The dotted keys a (nested) layer sets."""
-    out: set[str] = set()
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _leaf_keys(value, f"{prefix}{key}.")
-        else:
-            out.add(f"{prefix}{key}")
-    return out
-
-
-def apply_dataset_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
-    """Give every dataset-dependent key not in ``explicit`` its value for ``cfg``'s dataset (in place)."""
-    for key, by_dataset in DATASET_DEFAULTS.items():
-        if key not in explicit and cfg.data.dataset in by_dataset:
-            _apply(cfg, nest({key: by_dataset[cfg.data.dataset]}))
-    return cfg
-
-
-def dataset_settings(cfg: RunConfig) -> str:
-    """The resolved dataset-dependent keys, for the line a run prints when it starts."""
-    flat = flat_keys(cfg)
-    return ", ".join(f"{key}={flat[key]:g}" if isinstance(flat[key], float) else f"{key}={flat[key]}"
-                     for key in DATASET_DEFAULTS)
-
-
-def build_config(preset: str | None = None, files: list[str | Path] = (), overrides: list[str] = (),
-                 extra: dict[str, Any] | None = None) -> RunConfig:
-    """Resolve preset -> files -> ``extra`` (nested dict) -> dotted overrides, then the dataset-dependent
-    defaults of keys none of them set, then validate."""
-    cfg = RunConfig()
-    layers: list[dict[str, Any]] = []
-    if preset:
-        layers.append(preset_dict(preset))
-    layers += [read_yaml(f) for f in files]
-    if extra:
-        layers.append(extra)
-    if overrides:
-        layers.append(nest(dict(parse_override(o) for o in overrides)))
-    explicit: set[str] = set()
-    for layer in layers:
-        _apply(cfg, layer)
-        explicit |= _leaf_keys(layer)
-    apply_dataset_defaults(cfg, explicit)
-    # A preset's teacher arch is a default that a RobustBench name may replace; the user's own is not.
-    user = set().union(*(_leaf_keys(layer) for layer in layers[1 if preset else 0:]))
-    apply_checkpoint_archs(cfg, user)
-    validate(cfg)
-    return cfg
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain JSON/YAML-able dict (tuples become lists)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return clean(asdict(cfg))
-
-
-def from_dict(data: dict[str, Any]) -> RunConfig:
-    cfg = RunConfig()
-    _apply(cfg, data)
-    return cfg
-
-
-def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
-    """A deep copy with dotted-key changes applied (``replace(cfg, **{"optim.lr": 0.05})``)."""
-    new = from_dict(to_dict(cfg))
-    _apply(new, nest(changes))
-    return new
-
-
-def flat_keys(cfg: Any = None, prefix: str = "") -> dict[str, Any]:
-    """Every leaf as ``section.key -> value``; the search spaces use these names."""
-    cfg = RunConfig() if cfg is None else cfg
-    out: dict[str, Any] = {}
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if is_dataclass(value):
-            out.update(flat_keys(value, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Validation: every impossible value is caught here, before a worker or a file exists.
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    c = cfg
-    _check(c.method.name in METHOD_NAMES,
-           f"unknown method '{c.method.name}'; choose one of: {', '.join(METHOD_NAMES)}")
-    _check(c.student in MODEL_NAMES, f"unknown student model '{c.student}'; choose one of: {', '.join(MODEL_NAMES)}")
-    _check(c.data.dataset in DATASET_NAMES,
-           f"unknown dataset '{c.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
-    _check(c.device in DEVICES, f"unknown device '{c.device}'; choose one of: {', '.join(DEVICES)}")
-    _check(c.data.loader in ("device", "reference"), f"data.loader must be 'device' or 'reference', got '{c.data.loader}'")
-    _check(c.data.val_size >= 0, f"data.val_size must be >= 0, got {c.data.val_size}")
-    _check(c.data.num_workers >= 0, f"data.num_workers must be >= 0, got {c.data.num_workers}")
-    for key in ("train_subset", "test_subset"):
-        v = getattr(c.data, key)
-        _check(v is None or v > 0, f"data.{key} must be a positive count or null, got {v}")
-    _check(_finite(c.attack.eps) and c.attack.eps >= 0, f"attack.eps must be >= 0, got {c.attack.eps}")
-    _check(_finite(c.attack.step_size) and c.attack.step_size >= 0,
-           f"attack.step_size must be >= 0, got {c.attack.step_size}")
-    _check(c.attack.steps >= 0, f"attack.steps must be >= 0, got {c.attack.steps}")
-    _check(_finite(c.attack.init_std) and c.attack.init_std >= 0, f"attack.init_std must be >= 0, got {c.attack.init_std}")
-    _check(c.loss.reduction in REDUCTIONS,
-           f"unknown loss.reduction '{c.loss.reduction}'; choose one of: {', '.join(REDUCTIONS)}")
-    _check(_finite(c.loss.scale) and c.loss.scale > 0, f"loss.scale must be > 0, got {c.loss.scale}")
-    _check(_finite(c.loss.log_eps) and c.loss.log_eps >= 0, f"loss.log_eps must be >= 0, got {c.loss.log_eps}")
-    e = c.ebb
-    _check(e.mode in EBB_MODES, f"unknown ebb.mode '{e.mode}'; choose one of: {', '.join(EBB_MODES)}")
-    _check(_finite(e.smoothing) and 0 <= e.smoothing < 1, f"ebb.smoothing must be in [0, 1), got {e.smoothing}")
-    _check(_finite(e.tau_min) and e.tau_min > 0, f"ebb.tau_min must be > 0, got {e.tau_min}")
-    _check(_finite(e.tau_max) and e.tau_min <= e.tau_max, f"ebb.tau_min ({e.tau_min}) must be <= ebb.tau_max ({e.tau_max})")
-    for key in ("tau_adv_init", "tau_nat_init"):
-        v = getattr(e, key)
-        # Solve mode never uses the initial temperatures, so their range is only checked where they act.
-        _check(_finite(v) and (e.mode == "solve" or e.tau_min <= v <= e.tau_max),
-               f"ebb.{key} must lie in [tau_min, tau_max] = [{e.tau_min}, {e.tau_max}], got {v}")
-    _check(_finite(e.eta_tau) and e.eta_tau >= 0, f"ebb.eta_tau must be >= 0, got {e.eta_tau}")
-    _check(e.target_mode in ENTROPY_TARGET_MODES,
-           f"unknown ebb.target_mode '{e.target_mode}'; choose one of: {', '.join(ENTROPY_TARGET_MODES)}")
-    if e.target_entropy is not None:
-        _check(_finite(e.target_entropy) and e.target_entropy > 0,
-               f"ebb.target_entropy must be > 0 (or null), got {e.target_entropy}")
-        if e.target_mode == "fraction":
-            _check(e.target_entropy <= 1, f"ebb.target_entropy as a fraction of log K must be in (0, 1], got {e.target_entropy}")
-    n = c.nlb
-    _check(_finite(n.rho) and 0 < n.rho <= 1, f"nlb.rho must be in (0, 1], got {n.rho}")
-    _check(_finite(n.beta) and n.beta >= 0, f"nlb.beta must be >= 0, got {n.beta}")
-    _check(_finite(n.w_adv_init) and 0 <= n.w_adv_init <= 1, f"nlb.w_adv_init must be in [0, 1], got {n.w_adv_init}")
-    _check(n.ref_window >= 1, f"nlb.ref_window must be >= 1, got {n.ref_window}")
-    m = c.method
-    _check(_finite(m.trades_beta) and m.trades_beta >= 0, f"method.trades_beta must be >= 0, got {m.trades_beta}")
-    _check(_finite(m.ard_alpha) and 0 <= m.ard_alpha <= 1, f"method.ard_alpha must be in [0, 1], got {m.ard_alpha}")
-    _check(_finite(m.ard_temperature) and m.ard_temperature > 0, f"method.ard_temperature must be > 0, got {m.ard_temperature}")
-    o = c.optim
-    _check(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
-    _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
-    _check(_finite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _check(_finite(o.momentum) and 0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    _check(_finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _check(_finite(o.gamma) and 0 < o.gamma <= 1, f"optim.gamma must be in (0, 1], got {o.gamma}")
-    _check(list(o.milestones) == sorted(set(o.milestones)) and all(m_ > 0 for m_ in o.milestones),
-           f"optim.milestones must be increasing positive epochs, got {list(o.milestones)}")
-    for role in ("clean", "robust"):
-        t: TeacherConfig = getattr(c.teachers, role)
-        _check(t.arch in MODEL_NAMES, f"unknown teachers.{role}.arch '{t.arch}'; choose one of: {', '.join(MODEL_NAMES)}")
-        _check(t.train_method in TEACHER_TRAIN_METHODS,
-               f"teachers.{role}.train_method must be natural, sat or trades, got '{t.train_method}'")
-        _check(t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0,
-               f"teachers.{role}: epochs, batch_size and lr must be positive")
-        if is_robustbench(t.checkpoint):  # resolved when loaded: the file may still be downloaded then
-            robustbench_name(t.checkpoint)
-            check_robustbench_dataset(t.checkpoint, c.data.dataset)
-        elif t.checkpoint and t.checkpoint != "pyautoattack":
-            _check(Path(t.checkpoint).is_file(), f"teachers.{role}.checkpoint {t.checkpoint} does not exist")
-    v = c.eval
-    for a in v.attacks:
-        _check(a in ATTACK_NAMES, f"unknown eval attack '{a}'; choose from: {', '.join(ATTACK_NAMES)}")
-    _check(v.headline in ATTACK_NAMES and v.headline != "clean",
-           f"eval.headline must be a non-clean attack from: {', '.join(a for a in ATTACK_NAMES if a != 'clean')}")
-    _check(_finite(v.eps) and v.eps >= 0, f"eval.eps must be >= 0, got {v.eps}")
-    _check(v.batch_size >= 1, f"eval.batch_size must be >= 1, got {v.batch_size}")
-    _check(v.n_examples is None or v.n_examples > 0, f"eval.n_examples must be positive or null, got {v.n_examples}")
-    _check(min(c.val_every, c.checkpoint_every, c.checkpoint_every_iters) >= 0, "val_every and checkpoint_every(_iters) must be >= 0")
-    _check(c.val_examples is None or c.val_examples > 0, f"val_examples must be positive or null, got {c.val_examples}")
-    if c.val_every and c.data.val_size == 0:
-        raise ConfigError("val_every > 0 needs a validation split: set data.val_size > 0 (or val_every=0)")
-    return cfg
-
-
-def field_names(section: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
 
 
 def teacher_cache_dir(cfg: RunConfig) -> str:

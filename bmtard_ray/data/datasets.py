@@ -1,9 +1,8 @@
-"""Datasets as uint8 tensors, a deterministic stratified validation split, and two loaders.
+"""Datasets as uint8 tensors: CIFAR-10/100 and Tiny ImageNet read from their standard folders.
 
 Images are kept as uint8 NCHW tensors: CIFAR-10's 50,000 training images are 150 MB that way, small
 enough to live on the GPU for the whole run (airbench style), where cropping and flipping a batch is a few
-vectorised kernels instead of a CPU DataLoader. The reference loader reproduces the released code's
-pipeline (PIL + torchvision transforms in DataLoader workers) so that the two can be timed side by side.
+vectorised kernels instead of a CPU DataLoader (:mod:`bmtard_ray.data.loaders`).
 
 CIFAR batches are read with pickle + numpy directly: torchvision's CIFAR10 checks the md5 of the official
 archive and rejects the offline copy built by ``../shared/data/build_cifar10.py``.
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# augment_batch and crop_params are re-exported: the augmentation was part of this module before.
-from bmtard_ray.augment import CROP_PADDING, augment_batch, crop_flip, crop_params, epoch_crop_params  # noqa: F401
-from bmtard_ray.config import RunConfig
-from bmtard_ray.dist import shard_range
 from bmtard_ray.errors import ConfigError, DataError
 from bmtard_ray.names import DATASET_NAMES
 
@@ -84,7 +78,8 @@ _CIFAR10_HINT = ("build the offline copy with: python ../shared/data/build_cifar
 _HINTS = {
     "cifar10": _CIFAR10_HINT,
     "cifar100": "pass --set data.download=true when online, or put the official cifar-100-python/ there",
-    "tiny-imagenet": "unzip tiny-imagenet-200 there (a subset for smoke tests: ../shared/data/tiny_imagenet_subset.zip)",
+    "tiny-imagenet": "unzip tiny-imagenet-200 there (a subset for smoke tests: "
+                     "../shared/data/tiny_imagenet_subset.zip)",
 }
 _FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "tiny-imagenet": "tiny-imagenet-200"}
 
@@ -242,250 +237,3 @@ def load_dataset(name: str, root: str | os.PathLike, *, download: bool = False) 
     else:
         train, test = _read_tiny_imagenet(root)
     return train, test, info
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Splits
-
-
-def _balanced_quota(counts: Tensor, n: int, order: Tensor) -> Tensor:
-    """How many of each class to take: ``n`` in all, as equal as the class sizes allow (water filling).
-
-    Classes too small for their share give it up to the others; the last few that cannot be split evenly
-    go to classes in ``order`` (a seeded permutation, so no class is always favoured).
-    """
-    quota = torch.zeros_like(counts)
-    remaining = n
-    while remaining > 0:
-        open_ = (quota < counts).nonzero().squeeze(1)
-        share = remaining // len(open_)
-        if share == 0:
-            ranked = order[torch.isin(order, open_)]
-            quota[ranked[:remaining]] += 1
-            break
-        add = torch.minimum(counts[open_] - quota[open_], torch.tensor(share))
-        quota[open_] += add
-        remaining -= int(add.sum())
-    return quota
-
-
-def _stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
-    """``n`` sorted indices with (as far as possible) equal counts per class, picked by a seeded permutation."""
-    labels = labels.cpu()
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(labels), generator=g)
-    # Group the permutation by class while keeping its random order inside each class.
-    by_class = perm[torch.argsort(labels[perm], stable=True)]
-    _, counts = torch.unique_consecutive(labels[by_class], return_counts=True)
-    quota = _balanced_quota(counts, n, torch.randperm(len(counts), generator=g))
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_class = torch.arange(len(labels)) - torch.repeat_interleave(starts, counts)
-    return by_class[rank_in_class < torch.repeat_interleave(quota, counts)].sort().values
-
-
-def stratified_subset(split: Split, n: int, seed: int) -> Split:
-    """A class-balanced subset of ``n`` examples (the whole split when ``n >= len(split)``)."""
-    if n < 0:
-        raise ConfigError(f"subset size must be >= 0, got {n}")
-    if n >= len(split):
-        return split
-    return split.subset(_stratified_indices(split.labels, n, seed).to(split.labels.device))
-
-
-def train_val_split(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
-    """(rest of train, val): a stratified validation split carved from the training set, so that tuning
-    never sees the test set. Deterministic for a given seed."""
-    if val_size < 0 or val_size >= len(train):
-        raise ConfigError(f"val_size must be in [0, {len(train)}) (the training set's size), got {val_size}")
-    if val_size == 0:
-        return train, train.subset(torch.zeros(0, dtype=torch.long))
-    val_idx = _stratified_indices(train.labels, val_size, seed)
-    keep = torch.ones(len(train), dtype=torch.bool)
-    keep[val_idx] = False
-    dev = train.labels.device
-    return train.subset(keep.nonzero().squeeze(1).to(dev)), train.subset(val_idx.to(dev))
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps): (seed, epoch) pairs never collide the way
-    ``seed * K + epoch`` does, and nearby inputs give unrelated streams."""
-    z = 0x9E3779B97F4A7C15
-    for p in parts:
-        z = (z ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        z ^= z >> 31
-    return z & 0x7FFFFFFFFFFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loaders
-
-
-class BatchLoader:
-    """Batches ``(x, y)`` from a split held on ``device`` as uint8, shuffled and augmented there.
-
-    ``x`` is ``dtype`` (float32 by default) in [0, 1], NCHW (channels_last memory format on request); ``y``
-    is int64. ``batch_size`` is the GLOBAL batch. What global batch k of an epoch holds does not depend on
-    the world size: the epoch's permutation comes from a CPU generator seeded with (seed, epoch) and its
-    crops and flips are drawn per global batch from another seeded with (seed, epoch); rank r then takes
-    its contiguous slice of every global batch (:func:`~bmtard_ray.dist.shard_range`: the remainder of an
-    uneven split goes to the lowest ranks). So 1, 2 or 3 workers see the same images, augmented alike,
-    and a run can change its world size between checkpoints (elastic runs) without changing its data.
-    With ``drop_last`` the tail that does not fill a global batch is dropped; otherwise the last global
-    batch is short (and split by the same rule).
-    """
-
-    def __init__(self, split: Split, batch_size: int, *, shuffle: bool, augment: bool,
-                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
-        if batch_size < world_size:
-            raise ConfigError(f"the global batch ({batch_size}) is smaller than the number of workers ({world_size})")
-        if not dtype.is_floating_point:
-            raise ConfigError(f"loader dtype must be a floating point type, got {dtype}")
-        self.device = torch.device(device)
-        # One host-to-device copy for the whole run; every batch afterwards is a gather on the device.
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
-        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.channels_last, self.dtype = channels_last, dtype
-        self.epoch = 0
-        self.start_batch = 0  # the next epoch's iteration starts at this global batch (a mid-epoch restore)
-        n = len(split)
-        self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
-        self.global_examples = self.num_batches * batch_size if drop_last else n
-        self.num_examples = sum(self.batch_rows(k)[1] - self.batch_rows(k)[0] for k in range(self.num_batches))
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The epoch to iterate next, from global batch ``start_batch`` (a run restored mid-epoch)."""
-        if not 0 <= start_batch <= self.num_batches:
-            raise ValueError(f"start batch {start_batch} is outside the epoch's {self.num_batches} batches")
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def global_size(self, k: int) -> int:
-        """Rows in global batch ``k`` of an epoch."""
-        return min(self.batch_size, self.global_examples - k * self.batch_size)
-
-    def batch_rows(self, k: int) -> tuple[int, int]:
-        """This rank's rows ``[start, stop)`` of global batch ``k`` (positions within that batch)."""
-        return shard_range(self.global_size(k), self.world_size, self.rank)
-
-    def order(self) -> Tensor:
-        """The epoch's global example order (on the CPU), identical on every rank."""
-        n = len(self.labels)
-        if self.shuffle:
-            return torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch)))
-        return torch.arange(n)
-
-    def indices(self) -> Tensor:
-        """This rank's example indices for the current epoch, in order (on the CPU)."""
-        order, bs = self.order(), self.batch_size
-        return torch.cat([order[k * bs + a:k * bs + b] for k in range(self.num_batches)
-                          for a, b in [self.batch_rows(k)]] or [order[:0]])
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.order().to(self.device)
-        bs = self.batch_size
-        crops = None
-        if self.augment:
-            # Per epoch and global batch, from a CPU generator: the same crops for every world size and on
-            # the CPU and a GPU. (The mix keeps the stream rank 0 drew before batches became global, so a
-            # 1-worker run computes what it computed then.)
-            gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0, 1))
-            crops = epoch_crop_params(gen, [self.global_size(k) for k in range(self.num_batches)], self.device)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for k in range(self.start_batch, self.num_batches):
-            a, b = self.batch_rows(k)
-            sel = order[k * bs + a:k * bs + b]
-            x = self.images[sel]
-            if crops is not None:  # on uint8: a quarter of the bytes a float crop would move
-                dx, dy, flip = crops[:, k * bs + a:k * bs + b]
-                x = crop_flip(x, dx, dy, flip.bool())
-            x = x.to(dtype=self.dtype, memory_format=memory_format).div_(255)
-            yield x, self.labels[sel]
-        self.start_batch = 0  # a restored epoch starts mid-way once
-
-
-class _ReferenceDataset(torch.utils.data.Dataset):
-    """PIL images through torchvision transforms, one example at a time, as the released code does."""
-
-    def __init__(self, split: Split, augment: bool) -> None:
-        import torchvision.transforms as T
-
-        # HWC numpy once, so that a worker's __getitem__ is just PIL + the transforms.
-        self.images = np.ascontiguousarray(split.images.cpu().permute(0, 2, 3, 1).numpy())
-        self.labels = split.labels.cpu().numpy()
-        size = self.images.shape[1]
-        ops = [T.RandomCrop(size, padding=CROP_PADDING), T.RandomHorizontalFlip()] if augment else []
-        self.transform = T.Compose(ops + [T.ToTensor()])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-class _ShardedLoader(torch.utils.data.DataLoader):
-    """Over a DistributedSampler; the loop sets its epoch (as for BatchLoader): all ranks reshuffle alike."""
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)  # type: ignore[union-attr]
-
-
-def make_reference_loader(split: Split, batch_size: int, *, shuffle: bool, augment: bool, num_workers: int,
-                          seed: int = 0, drop_last: bool | None = None, rank: int = 0,
-                          world_size: int = 1) -> torch.utils.data.DataLoader:
-    """The released code's pipeline: PIL + torchvision transforms in DataLoader worker processes, CPU
-    float batches in [0, 1]. ``drop_last`` defaults to ``shuffle`` (training drops the ragged batch like
-    the device loader does; evaluation keeps every example). With ``world_size`` > 1 each rank reads only
-    its shard (torch's DistributedSampler: every rank draws the same per-epoch permutation from ``seed``
-    and takes every world_size-th example), so W ranks together see the epoch once, not W times;
-    ``batch_size`` is then the rank's share of the global batch."""
-    if batch_size < 1 or num_workers < 0:
-        raise ConfigError(f"batch size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
-    drop, dataset = shuffle if drop_last is None else drop_last, _ReferenceDataset(split, augment)
-    g = torch.Generator().manual_seed(seed + rank)  # the shuffle (W = 1) and the workers' seeds: ranks differ
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                  drop_last=drop, generator=g, persistent_workers=num_workers > 0)
-    if world_size == 1:
-        return torch.utils.data.DataLoader(dataset, shuffle=shuffle, **common)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                                  seed=seed, drop_last=drop)
-    return _ShardedLoader(dataset, sampler=sampler, **common)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A run's data: the splits a configuration trains, validates and tests on.
-
-
-@dataclass
-class DataBundle:
-    train: Split
-    val: Split
-    test: Split
-    info: DatasetInfo
-
-
-def prepare_data(cfg: RunConfig) -> DataBundle:
-    """Load the dataset, carve the validation split from the training set, apply the CPU-preset subsets."""
-    d = cfg.data
-    train, test, info = load_dataset(d.dataset, d.root, download=d.download)
-    if d.val_size >= len(train):
-        raise ConfigError(f"data.val_size ({d.val_size}) must be smaller than the training set ({len(train)})")
-    train, val = train_val_split(train, d.val_size, d.split_seed)
-    if d.train_subset is not None and d.train_subset < len(train):
-        train = stratified_subset(train, d.train_subset, d.split_seed)
-    if d.test_subset is not None and d.test_subset < len(test):
-        test = stratified_subset(test, d.test_subset, d.split_seed)
-    return DataBundle(train, val, test, info)

@@ -1,9 +1,10 @@
 """TensorBoard event files of a training run: every per-epoch metric as a scalar, so that a long run can be
 watched live (``tensorboard --logdir runs/<name>``, or ``python run_tune.py --review runs/<name>``).
 
-The runner that drives the loop (the in-process one, or the Ray driver with rank 0's reports) feeds each
-epoch's metrics here; the events land in the run folder beside ``metrics.parquet``, which holds the same
-numbers. tensorboardX only: neither TensorFlow nor Ray is needed.
+Whoever drives the trainer (the in-process launch, or the Ray driver with rank 0's reports) feeds each
+epoch's metrics here, tagged by their group in :mod:`bmtard_ray.training.metrics`; the events land in the
+run folder beside ``metrics.parquet``, which holds the same numbers. tensorboardX only: neither TensorFlow
+nor Ray is needed.
 """
 from __future__ import annotations
 
@@ -13,32 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Tag = "<group>/<metric name>": the metric keeps the name it has everywhere else (metrics.parquet, the
-# tuning objective), and TensorBoard's groups put losses, the balance and validation side by side.
-GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("validation", ("val_",)),
-    ("loss", ("train_loss", "train_L_")),
-    ("balance", ("tau_", "w_", "H_")),
-    ("train", ("train_", "lr")),
-    ("speed", ("seconds", "images_per_s")),
-)
-
-
-def tag_of(metric: str) -> str | None:
-    """The TensorBoard tag of a per-epoch metric (None for the epoch counter itself)."""
-    if metric == "epoch":
-        return None
-    for group, prefixes in GROUPS:
-        if metric.startswith(prefixes):
-            return f"{group}/{metric}"
-    return f"other/{metric}"
-
+from bmtard_ray.training.metrics import tag_of
 
 EVENT_FILES = "events.out.tfevents.*"
 
 
 class EpochEvents:
-    """Writes one point per metric per epoch (step = epoch) into ``run_dir``, on disk within seconds.
+    """Writes one point per metric per epoch (step = epoch) into ``run_dir``, on disk within seconds; a metric's
+    tag is ``<group>/<name>`` (:func:`~bmtard_ray.training.metrics.tag_of`).
 
     ``fresh``: the run starts from epoch 1, so event files of an earlier run in the same folder (one it
     replaces with --overwrite) are removed; a resumed run appends a new file and its curves continue."""

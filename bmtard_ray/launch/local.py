@@ -1,7 +1,8 @@
-"""Running a configuration in this process: teachers first, then the run, with local checkpoints.
+"""A run in this process (``run_train.py --local``): teachers first, then the trainer, with local checkpoints.
 
-The Ray Train layer (:mod:`bmtard_ray.ray_train`) runs the same loop in Ray's worker processes; both use
-:mod:`bmtard_ray.storage` for run folders and checkpoints and :mod:`bmtard_ray.summary` for what they print.
+The Ray Train layer (:mod:`bmtard_ray.ray_train`) runs the same trainer in Ray's worker processes; both use
+:mod:`bmtard_ray.storage` for run folders and checkpoints and :mod:`bmtard_ray.launch.console` for what they
+print.
 """
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ from typing import Any
 
 from rich.console import Console
 
-from bmtard_ray import io
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir
 from bmtard_ray.data import prepare_data
-from bmtard_ray.events import EpochEvents
-from bmtard_ray.loop import Trainer
-from bmtard_ray.preflight import check_batches, probe_all
-from bmtard_ray.storage import (CHECKPOINT_FILE, check_run_folder, find_checkpoint, load_resume_state,
-                                run_dir_of_checkpoint, write_config)
-from bmtard_ray.summary import epoch_logger, print_summary
-from bmtard_ray.teachers import check_given_teachers, ensure_teachers, roles_to_train
+from bmtard_ray.launch.console import epoch_logger, print_summary
+from bmtard_ray.launch.events import EpochEvents
+from bmtard_ray.launch.preflight import check_batches, probe_all
+from bmtard_ray.storage import checkpoints
+from bmtard_ray.storage.run_folder import check_run_folder, write_config
+from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
+from bmtard_ray.training.trainer import Trainer
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -32,8 +32,8 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     console = console or Console()
     state = None
     if resume is not None:
-        state, _ = load_resume_state(resume)
-    run_dir = run_dir_of_checkpoint(find_checkpoint(resume)) if resume is not None else run_dir_of(cfg)
+        state, _ = checkpoints.load_resume_state(resume)
+    run_dir = Path(checkpoints.run_dir_of(resume)) if resume is not None else run_dir_of(cfg)
     to_train = roles_to_train(cfg)
     # Every folder this run writes, probed before anything is removed, trained or written.
     probe_all([(run_dir, "run folder")] + ([(teacher_cache_dir(cfg), "teacher cache")] if to_train else []))
@@ -46,7 +46,7 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
 
     def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None:
-            io.atomic_torch_save(checkpoint, run_dir / CHECKPOINT_FILE)
+            checkpoints.write(checkpoint, run_dir)
         events(metrics)
 
     trainer = Trainer(cfg, data=data, report=report, log=epoch_logger(console, cfg.optim.epochs))
@@ -58,7 +58,8 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     write_config(cfg, run_dir)
     events = EpochEvents(run_dir, fresh=state is None)  # TensorBoard: watch the run live (report() writes)
     console.print(f"[bold]{cfg.name}[/bold]: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
-                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; {dataset_settings(cfg)}) "
+                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; "
+                  f"{dataset_settings(cfg)}) "
                   f"on {trainer.device}")
     try:
         trainer.fit()

@@ -15,7 +15,7 @@ from pathlib import Path
 from bmtard_ray.config import RunConfig
 from bmtard_ray.data import DataBundle
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.storage import is_uri
+from bmtard_ray.storage.paths import is_uri
 
 
 def probe_writable(path: str | os.PathLike[str], what: str) -> None:

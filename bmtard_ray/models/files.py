@@ -23,13 +23,13 @@ from bmtard_ray.models.robustbench import RobustBenchModel, resolve_robustbench
 from bmtard_ray.models.small import InputNormalization
 from bmtard_ray.models.zoo import LAYOUTS, build_model, layout_for_keys
 from bmtard_ray.names import MODEL_NAMES, ROBUSTBENCH_MODEL_DIR, is_robustbench
+from bmtard_ray.storage import checkpoints
 
 if TYPE_CHECKING:
     from bmtard_ray.data import DatasetInfo
 
 PYAUTOATTACK = "pyautoattack"  # the alias a teacher config also accepts
 MODEL_FORMAT = "bmtard_ray.model/1"  # format tag of our model files (students and trained teachers)
-TRAINING_CHECKPOINT = "bmtard_ray.checkpoint/1"  # format tag of the loop's per-epoch checkpoints
 
 # Wrappers that training scripts put around the state dict, unwrapped in this order (nested ones too).
 WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net")
@@ -39,7 +39,7 @@ _ZIP_MAGIC = b"PK\x03\x04"  # PyTorch >= 1.6 saves zip archives; older ones pick
 _SHOW = 3  # how many example keys an error message lists
 
 
-def _one_line(text: str, limit: int = 120) -> str:
+def _one_line(text: object, limit: int = 120) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -91,10 +91,11 @@ def _torch_load(path: Path) -> object:
         with open(path, "rb") as f:
             head = f.read(512)
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e.strerror or e)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e.strerror or str(e))}") from None
     _check_not_text(path, head)
     looks_like_torch = head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03",
                                                                                                b"\x04", b"\x05"))
+    err: Exception
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -107,7 +108,7 @@ def _torch_load(path: Path) -> object:
         err = e
     if looks_like_torch:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (an incomplete download?): "
-                              f"{_one_line(err)}") from None
+                              f"{_one_line(str(err))}") from None
     raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint (unrecognised file format)") from None
 
 
@@ -140,7 +141,7 @@ def read_state_dict(path: str | os.PathLike, *, key: str | None = None) -> dict[
         what = f"top-level keys: {_examples(sorted(str(k) for k in obj))}" if isinstance(obj, dict) and obj \
             else f"a {type(obj).__name__}"
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors ({what})")
-    sd: dict[str, torch.Tensor] = dict(obj)
+    sd: dict[str, torch.Tensor] = dict(obj)  # type: ignore[call-overload]  # _is_state_dict checked it
     stripped = True
     while stripped:
         stripped = False
@@ -206,7 +207,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, key: str | None =
                                   f"model '{arch}' takes {normalize.mean.numel()}")
         norm_stats = (mean, std)
     optional = tuple(getattr(model, "optional_checkpoint_prefixes", ()))
-    missing = {k for k in target.keys() - sd.keys() if not k.endswith("num_batches_tracked") and not k.startswith(optional)}
+    missing = {k for k in target.keys() - sd.keys()
+               if not k.endswith("num_batches_tracked") and not k.startswith(optional)}
     unexpected = sd.keys() - target.keys()
     if missing or unexpected:
         # in definition / file order, where the first differences are the telling ones
@@ -229,8 +231,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, key: str | None =
     try:
         model.load_state_dict(full, strict=True)
     except RuntimeError as e:  # e.g. a dtype that cannot be copied: still one line
-        raise CheckpointError(f"checkpoint {path} does not load into model '{arch}': {_one_line(e)}") from None
-    if norm_stats is not None:
+        raise CheckpointError(f"checkpoint {path} does not load into model '{arch}': {_one_line(str(e))}") from None
+    if norm_stats is not None and isinstance(normalize, InputNormalization):
         normalize.set(*norm_stats)
 
 
@@ -257,7 +259,7 @@ def pyautoattack_resnet18_path() -> Path:
 # Model files: what a file is, and the model it holds.
 
 
-def model_record(model: nn.Module, arch: str, info: "DatasetInfo", cfg: RunConfig, extra: dict[str, Any] | None = None,
+def model_record(model: nn.Module, arch: str, info: DatasetInfo, cfg: RunConfig, extra: dict[str, Any] | None = None,
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
     """The format every saved model (student or teacher) uses, readable with ``weights_only=True``."""
     return {"format": MODEL_FORMAT, "arch": arch, "num_classes": info.num_classes, "dataset": info.name,
@@ -305,10 +307,10 @@ def inspect_checkpoint(spec: str) -> Inspected:
             raise problem from None
         raise
     found = obj.get("format") if isinstance(obj, dict) else None
-    if isinstance(found, str) and found.startswith("bmtard_ray.") and found not in (MODEL_FORMAT, TRAINING_CHECKPOINT):
+    if isinstance(found, str) and found.startswith("bmtard_ray.") and found not in (MODEL_FORMAT, checkpoints.FORMAT):
         raise CheckpointError(f"checkpoint {path} has format {found}; this version reads {MODEL_FORMAT} and "
-                              f"{TRAINING_CHECKPOINT}")
-    if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT and isinstance(obj.get("config"), dict):
+                              f"{checkpoints.FORMAT}")
+    if checkpoints.is_checkpoint(obj):
         # A training checkpoint (saved every epoch): the student's weights under "student", no normalisation.
         cfg = obj["config"]
         record = {"arch": cfg.get("student"), "num_classes": None, "dataset": (cfg.get("data") or {}).get("dataset"),
@@ -350,7 +352,7 @@ def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
     CheckpointError otherwise). ``robustbench:<Name>`` is looked up under ``model_dir`` (models.robustbench)."""
     flag = _arch_flag(role)
     if is_robustbench(spec):
-        found_rb = resolve_robustbench(spec, arch, dataset=dataset, model_dir=model_dir, mean=mean, std=std,
+        found_rb = resolve_robustbench(spec, arch, dataset=dataset, model_dir=Path(model_dir), mean=mean, std=std,
                                        arch_flag=flag)
         if isinstance(found_rb, RobustBenchModel):
             return LoadedModel(found_rb.model, found_rb.arch, found_rb.path, None)

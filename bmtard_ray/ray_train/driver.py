@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, LoggingConfig, RunConfig as RayRunConfig, UserCallback
+from ray.train import CheckpointConfig, LoggingConfig, UserCallback
+from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 from rich.text import Text
@@ -15,17 +16,18 @@ from rich.text import Text
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir, to_dict
 from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError, find_cause
-from bmtard_ray.events import EpochEvents
+from bmtard_ray.launch.console import print_summary
+from bmtard_ray.launch.events import EpochEvents
+from bmtard_ray.launch.preflight import check_batches, probe_all
 from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
 from bmtard_ray.ray_train.placement import failure_config, not_placed, placement_deadline
-from bmtard_ray.ray_train.scaling import ScalingOptions, scaling_from_args
+from bmtard_ray.ray_train.scaling import ScalingOptions
 from bmtard_ray.ray_train.view import EpochView, ForwardToDriver, pump
 from bmtard_ray.ray_train.worker import train_loop_per_worker
-from bmtard_ray.storage import (CHECKPOINT_FILE, absolute_paths, check_run_folder, find_checkpoint, is_uri, join,
-                                latest_ray_checkpoint, write_config)
-from bmtard_ray.summary import print_summary
-from bmtard_ray.preflight import check_batches, probe_all
-from bmtard_ray.teachers import check_given_teachers, ensure_teachers, roles_to_train
+from bmtard_ray.storage import checkpoints
+from bmtard_ray.storage.paths import is_uri, join
+from bmtard_ray.storage.run_folder import absolute_paths, check_run_folder, write_config
+from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
 
 
 def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: RayRunConfig | None = None,
@@ -64,7 +66,6 @@ def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title
     """``trainer.fit()`` with the live per-epoch view fed by the controller callback's queue; each of
     ``listeners`` also gets every epoch's metrics (rank 0's report)."""
     from ray.util.queue import Queue
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: a 0-CPU actor may land anywhere, and a node that leaves (an elastic run's
@@ -97,9 +98,11 @@ def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
     # Any world size splits the global batch (uneven shards), so there is no divisibility to check; the
     # largest world size an (elastic) run can reach gives every worker the smallest shard.
     check_batches(cfg, data, roles_to_train(cfg), workers=scaling.max_workers)
-    if any(is_uri(getattr(cfg.teachers, r).checkpoint or "") for r in ("clean", "robust")) or is_uri(teacher_cache_dir(cfg)):
-        raise ConfigError("teacher checkpoints and the teacher cache (teachers.cache_dir, default <output_dir>/teachers) must be filesystem paths (shared between "
-                          "nodes for multi-node runs), not URIs")
+    teacher_files = [getattr(cfg.teachers, r).checkpoint or "" for r in ("clean", "robust")]
+    if any(is_uri(f) for f in teacher_files) or is_uri(teacher_cache_dir(cfg)):
+        raise ConfigError("teacher checkpoints and the teacher cache (teachers.cache_dir, default "
+                          "<output_dir>/teachers) must be filesystem paths (shared between nodes for multi-node "
+                          "runs), not URIs")
 
 
 def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_from: Path | None, resume: bool,
@@ -107,15 +110,16 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
              worker_hook: dict[str, Any] | None) -> dict[str, Any]:
     run_dir = join(storage, cfg.name)
     check_run_folder(run_dir, resume=resume, overwrite=overwrite)
-    if resume and resume_from is None and latest_ray_checkpoint(run_dir) is None:
+    if resume and resume_from is None and checkpoints.latest_ray(run_dir) is None:
         raise CheckpointError(f"no checkpoint to resume from in {run_dir} (it holds no Ray checkpoint snapshot with "
-                              f"a checkpoint, nor a {CHECKPOINT_FILE})")
+                              f"a checkpoint, nor a {checkpoints.FILE})")
     write_config(cfg, run_dir)
     trainer = make_torch_trainer(cfg, scaling, storage_path=storage, failure_max=failure_max,
                                  keep_checkpoints=keep_checkpoints, resume_from=resume_from, finish=True,
                                  worker_hook=worker_hook)
     gpus = f", {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
-    console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} ({dataset_settings(cfg)}), "
+    console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
+                  f"({dataset_settings(cfg)}), "
                   f"{scaling.describe()} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
                   f"{scaling.placement_strategy.lower()}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
@@ -148,9 +152,9 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
     """Validate, connect, train missing teachers (through Ray, same scaling), fit, return the summary.
 
     ``resume``: a run folder (Ray's, with checkpoint folders and a snapshot, or a local one with
-    ``checkpoint.pt``) or a checkpoint file; the run continues in that folder. ``worker_hook`` is a
-    testing hook (see :func:`~bmtard_ray.ray_train.worker.run_worker_hook`). ``ray_init`` goes to ``ray.init`` when a local Ray is
-    started (e.g. ``num_cpus=2``)."""
+    its checkpoint file) or a checkpoint file; the run continues in that folder. ``worker_hook`` is a
+    testing hook (see :func:`~bmtard_ray.ray_train.worker.run_worker_hook`). ``ray_init`` goes to ``ray.init``
+    when a local Ray is started (e.g. ``num_cpus=2``)."""
     console = console or Console()
     if failure_max < -1:
         raise ConfigError(f"max failures must be >= 0 (or -1 for unlimited), got {failure_max}")
@@ -160,15 +164,9 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
     cfg = absolute_paths(cfg)
     resume_from: Path | None = None
     if resume is not None:
-        if is_uri(resume):
-            run_dir = str(resume).rstrip("/")
-        else:
-            target = Path(resume).expanduser().resolve()
-            run_dir = str(target if target.is_dir() else target.parent)
-            if target.is_file() and target.parent.name.startswith("checkpoint_epoch"):
-                run_dir = str(target.parent.parent)
-            if latest_ray_checkpoint(run_dir) is None:  # a local run folder or file: start from that file
-                resume_from = find_checkpoint(target)
+        run_dir = checkpoints.run_dir_of(resume)
+        if not is_uri(run_dir) and checkpoints.latest_ray(run_dir) is None:  # a local run: start from its file
+            resume_from = checkpoints.find(Path(resume).expanduser().resolve())
         storage, _, name = run_dir.rpartition("/")
         cfg.name, cfg.output_dir = name, storage
     storage = str(storage_path) if storage_path else cfg.output_dir
@@ -182,12 +180,12 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
     try:
         scaling = scaling.resolved(cfg, ray.nodes())
         check_resources(scaling)
-        common = dict(failure_max=failure_max, keep_checkpoints=keep_checkpoints, console=console)
+        common: dict[str, Any] = dict(failure_max=failure_max, keep_checkpoints=keep_checkpoints, console=console)
 
         def train_teacher(tcfg: RunConfig) -> None:
             # Teachers train through Ray too (a big teacher wants the same GPUs), into the shared cache.
             # An interrupted teacher run with a checkpoint continues; anything else there is replaced.
-            resumable = latest_ray_checkpoint(join(tcfg.output_dir, tcfg.name)) is not None
+            resumable = checkpoints.latest_ray(join(tcfg.output_dir, tcfg.name)) is not None
             fit_run(absolute_paths(tcfg), scaling, storage=tcfg.output_dir, resume_from=None, resume=resumable,
                      overwrite=True, worker_hook=None, **common)
 
@@ -201,10 +199,3 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
         print_summary(summary, console)
     console.print(f"outputs in {summary['run_dir']}")
     return summary
-
-
-def run_from_args(cfg: RunConfig, args: Any) -> dict[str, Any]:
-    """What ``run_train.py`` (without ``--local``) does."""
-    scaling = scaling_from_args(args)
-    return run_ray(cfg, scaling, address=args.address, storage_path=args.storage_path, resume=args.resume,
-                   overwrite=args.overwrite, failure_max=args.max_failures, keep_checkpoints=args.keep_checkpoints)

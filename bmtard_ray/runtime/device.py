@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -19,7 +19,7 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, fast: bool) -> Callable[[], ContextManager[Any]]:
+def autocast_for(device: torch.device, fast: bool) -> Callable[[], AbstractContextManager[Any]]:
     """bf16 autocast on CUDA when ``fast``; fp32 otherwise (CPU autocast is slower than fp32 here)."""
     if fast and device.type == "cuda":
         return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)

@@ -23,7 +23,7 @@ def local_rows(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class DistContext:
-    """Rank, world size and the collectives the loop needs."""
+    """Rank, world size and the collectives the trainer needs."""
 
     def __init__(self) -> None:
         self.active = dist.is_available() and dist.is_initialized()

@@ -1,4 +1,4 @@
-"""Training-time attacks, hand-written for control and speed (REFERENCE §1.1 and §4).
+"""Training-time attacks, hand-written for control and speed (docs/algorithm.md §2.1 and §7).
 
 All work in [0, 1] pixel space (normalisation, if any, lives inside the model), put the model in eval mode
 for the attack and restore its previous mode afterwards (BN uses running statistics and is not updated),
@@ -8,27 +8,15 @@ get no ``.grad`` and an attack step costs one forward and one backward pass.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bmtard_ray.losses import kl_student_student
+from bmtard_ray.models.modes import eval_mode
+from bmtard_ray.training.losses import kl_student_student
 
 LossFn = Callable[[Tensor], Tensor]  # logits of the attacked input -> scalar to *maximise*
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch to eval mode and restore the previous mode, whatever it was."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 # Where a rank's rows sit in the global batch: (first row, rows in the global batch).

@@ -1,7 +1,7 @@
 """Entropy-Based Balance (EBB) and Normalization Loss Balance (NLB): small stateful objects.
 
 Both keep their state as device tensors and update without a host sync, so a training step never waits
-on the GPU. Their inputs are the statistics of the *global* batch: under data parallelism the engine
+on the GPU. Their inputs are the statistics of the *global* batch: under data parallelism the trainer
 all-reduces them first (or, for EBB's ``solve`` mode, gathers the teacher logits), so every rank holds the
 same temperatures and weights.
 """
@@ -14,18 +14,18 @@ import torch
 from torch import Tensor
 
 from bmtard_ray.config import EBBConfig, NLBConfig
-from bmtard_ray.entropy_solve import solve_equalised, solve_temperatures
+from bmtard_ray.training.entropy_solve import solve_equalised, solve_temperatures
 
 
 class EntropyBalance:
-    """Per-iteration sign step on the teachers' temperatures (REFERENCE §1.4, generalised in §3).
+    """Per-iteration sign step on the teachers' temperatures (docs/algorithm.md §2.4, generalised in §5.1).
 
     With no target entropy the paper's rule equalises the two teachers:
     ``tau_adv -= eta * sign(H_adv / H_nat - 1)``, ``tau_nat -= eta * sign(H_nat / H_adv - 1)``.
     With a target ``H*`` each teacher is driven toward it: ``tau_i -= eta * sign(H_i / H* - 1)``.
     A teacher whose entropy is too high is sharpened (tau down), one whose entropy is too low softened.
 
-    ``mode: solve`` (this project's extension, REFERENCE §3b) replaces the sign step by :meth:`solve`: every
+    ``mode: solve`` (this project's extension, docs/algorithm.md §6) replaces the sign step by :meth:`solve`: every
     iteration, before the losses, the temperatures are solved exactly on the global batch of teacher logits,
     then optionally blended with the previous ones (``smoothing``). The initial temperatures play no part.
     """
@@ -93,7 +93,7 @@ class EntropyBalance:
 
 
 class LossBalance:
-    """Per-iteration update of the two loss weights (REFERENCE §1.5, generalised in §3).
+    """Per-iteration update of the two loss weights (docs/algorithm.md §2.5, generalised in §5.3).
 
     ``r_i = L_i / L_i(0)``; ``q_adv = r_adv^beta / (r_adv^beta + r_nat^beta)``;
     ``w_adv <- (1 - rho) w_adv + rho q_adv``; ``w_nat = 1 - w_adv``. ``L_i(0)`` is the first iteration's

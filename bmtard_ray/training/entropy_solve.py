@@ -1,4 +1,4 @@
-"""The exact entropy balance (``ebb.mode: solve``, this project's extension; REFERENCE §3b).
+"""The exact entropy balance (``ebb.mode: solve``, this project's extension; docs/algorithm.md §6).
 
 Each teacher's mean entropy over a batch, H_i(tau) = mean_n H(softmax(z_i,n / tau)), never decreases as tau
 grows (the paper's Theorem 1: dH/dtau = Var_p(z) / tau^3 >= 0). So the temperature at which H_i meets a

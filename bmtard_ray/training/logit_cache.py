@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bmtard_ray import io
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.runtime import fileio
 
 
 def _bytes(t: Tensor) -> bytes:
@@ -70,13 +70,13 @@ class CachedTeacher(nn.Module):
         path = self.folder / f"{batch_digest(x)}.pt"
         if path.is_file():
             try:
-                out = io.safe_load(path, "teacher logit cache entry")
+                out = fileio.safe_load(path, "teacher logit cache entry")
                 if isinstance(out, Tensor) and out.shape[0] == x.shape[0]:
                     self.hits += 1
                     return out.to(x.device)
             except CheckpointError:
                 pass  # unreadable: recomputed and replaced below
         out = self.teacher(x)
-        io.atomic_torch_save(out.detach().cpu(), path)
+        fileio.atomic_torch_save(out.detach().cpu(), path)
         self.misses += 1
         return out

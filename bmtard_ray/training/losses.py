@@ -1,4 +1,4 @@
-"""Distillation losses and teacher entropies (REFERENCE §1.3-1.4).
+"""Distillation losses and teacher entropies (docs/algorithm.md §2.3-2.4).
 
 Temperature divides the *teacher* logits only; the student is always at temperature 1; no T^2 factor and
 no hard-label term. The KL is taken teacher-first (Hinton direction): KL(p_teacher || softmax(student)).

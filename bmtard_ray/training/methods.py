@@ -1,35 +1,32 @@
-"""One training step per method (REFERENCE §1 and §4): pure torch, no I/O, no host sync.
+"""One training step per method (docs/algorithm.md §2 and §7): pure torch, no I/O, no host sync.
 
-A task's ``step(x, y)`` crafts its adversarial batch, runs the passes, updates its balance state and
-returns the loss to back-propagate plus named, detached statistics (device tensors); the loop only calls it,
-steps the optimizer, stacks the statistics on the device and moves them to the host once per epoch. The teachers are frozen, run under ``no_grad`` and are never wrapped in
-DDP; the attack runs on the *unwrapped* student so its passes trigger no gradient all-reduce.
+A method's ``step(x, y)`` crafts its adversarial batch, runs the passes, updates its balance state and
+returns the loss to back-propagate plus named, detached statistics (device tensors,
+:data:`~bmtard_ray.training.metrics.STAT_NAMES`); the trainer only calls it, steps the optimizer, stacks the
+statistics on the device and moves them to the host once per epoch. The teachers are frozen, run under
+``no_grad`` and are never wrapped in DDP; the attack runs on the *unwrapped* student so its passes trigger no
+gradient all-reduce.
 """
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bmtard_ray import attacks
-from bmtard_ray.balance import EntropyBalance, LossBalance
 from bmtard_ray.config import EBBConfig, RunConfig
-from bmtard_ray.dist import local_rows
-from bmtard_ray.losses import distill_kl, kl_student_student, mean_entropy, reduce_elements
 from bmtard_ray.names import METHOD_TEACHERS
-
-# The per-iteration statistics a task may return (each task returns the ones it has; the trace shows NaN for
-# the others), in the trace's column order.
-STAT_NAMES = ("loss", "L_adv", "L_nat", "H_adv", "H_nat", "tau_adv", "tau_nat", "w_adv", "w_nat")
-# Per-iteration counts, summed over the epoch and across workers by the loop.
-COUNT_NAMES = ("correct_adv", "correct_nat", "seen_adv", "seen_nat", "n")
+from bmtard_ray.runtime.dist import local_rows
+from bmtard_ray.training import attacks
+from bmtard_ray.training.balance import EntropyBalance, LossBalance
+from bmtard_ray.training.losses import distill_kl, kl_student_student, mean_entropy, reduce_elements
+from bmtard_ray.training.metrics import STAT_NAMES
 
 # (tensor, this rank's example count) -> the count-weighted mean over ranks; see DistContext.all_reduce_mean.
 ReduceFn = Callable[[Tensor, Tensor], Tensor]
@@ -48,7 +45,7 @@ class StepOutput:
     counts: dict[str, Tensor]   # detached scalars named from COUNT_NAMES (this rank's)
 
     def row(self) -> Tensor:
-        """The statistics in STAT_NAMES order, NaN where this task has none (for inspection and tests)."""
+        """The statistics in STAT_NAMES order, NaN where this method has none (for inspection and tests)."""
         ref = self.loss.detach()
         return torch.stack([self.stats[k].float() if k in self.stats else torch.full((), math.nan, device=ref.device)
                             for k in STAT_NAMES])
@@ -60,12 +57,12 @@ class Teachers:
     robust: nn.Module | None = None
 
 
-class Task(ABC):
+class Method(ABC):
     """Base class. ``model`` may be a DDP wrapper; ``raw`` is the plain student it wraps."""
 
     name = "base"
     # True when step() already returns global-batch statistics (B-MTARD all-reduces them every step for
-    # its balance); otherwise the loop averages them over ranks once per epoch.
+    # its balance); otherwise the trainer averages them over ranks once per epoch.
     global_stats = False
 
     @property
@@ -75,13 +72,13 @@ class Task(ABC):
 
     def __init__(self, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int, *,
                  reduce_mean: ReduceFn = _identity, gather_rows: GatherFn = local_rows,
-                 autocast: Callable[[], ContextManager[Any]] = nullcontext) -> None:
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         self.model, self.raw, self.cfg, self.teachers = model, raw, cfg, teachers
         self.num_classes = num_classes
         self.reduce_mean = reduce_mean
         self.gather_rows = gather_rows
         self.autocast = autocast
-        # Where this rank's batch sits in the global batch (set by the loop before each step in data-parallel
+        # Where this rank's batch sits in the global batch (set by the trainer before each step in data-parallel
         # training): the attacks draw the global batch's random start and keep these rows.
         self.shard: attacks.Shard | None = None
         for role in self.needs:
@@ -89,6 +86,11 @@ class Task(ABC):
                 raise ValueError(f"method {self.name} needs a {role} teacher")
 
     # --- helpers -------------------------------------------------------------------------------------
+    def _teacher(self, role: str) -> nn.Module:
+        teacher = getattr(self.teachers, role)
+        assert teacher is not None, role  # __init__ checked that the roles this method needs are there
+        return teacher
+
     def _counts(self, y: Tensor, adv_logits: Tensor | None, nat_logits: Tensor | None) -> dict[str, Tensor]:
         zero = torch.zeros((), device=y.device)
         n = torch.full((), float(y.shape[0]), device=y.device)
@@ -108,18 +110,18 @@ class Task(ABC):
     def step(self, x: Tensor, y: Tensor) -> StepOutput:
         """One iteration on a batch: attack, passes, balance update; returns the loss and statistics."""
 
-    def decay(self, factor: float) -> None:
-        """Called by the loop at the start of every epoch with the schedule's multiplier."""
+    def decay(self, factor: float) -> None:  # noqa: B027 (a hook: a method without a balance has nothing to decay)
+        """Called by the trainer at the start of every epoch with the schedule's multiplier."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook: no balance, no state)
+        """Restore what :meth:`state_dict` returned (the methods with a balance have state)."""
 
 
-class BMTARD(Task):
-    """Balanced multi-teacher distillation (REFERENCE §1); ``ebb.enabled=False`` gives MTARD."""
+class BMTARD(Method):
+    """Balanced multi-teacher distillation (docs/algorithm.md §2); ``ebb.enabled=False`` gives MTARD (§7.6)."""
 
     name = "bmtard"
     global_stats = True
@@ -140,8 +142,8 @@ class BMTARD(Task):
             s_adv = self.model(x_adv)
             s_nat = self.model(x)
             with torch.no_grad():
-                t_adv = self.teachers.robust(x_adv)
-                t_nat = self.teachers.clean(x)
+                t_adv = self._teacher("robust")(x_adv)
+                t_nat = self._teacher("clean")(x)
         # EBB solve mode (ours): this iteration's temperatures are solved on the global batch of teacher
         # logits (B x K each, so gathering them is cheap and the solver's loop needs no collective).
         if self.ebb.solves:
@@ -156,7 +158,8 @@ class BMTARD(Task):
         l_adv, l_nat = l_adv * lc.scale, l_nat * lc.scale
         # Global-batch statistics: one all-reduce so every rank takes the same balance step, each rank's means
         # weighted by its example count (uneven shards).
-        stats = self.reduce_mean(torch.stack([l_adv.detach(), l_nat.detach(), mean_entropy(p_adv), mean_entropy(p_nat)]),
+        stats = self.reduce_mean(torch.stack([l_adv.detach(), l_nat.detach(), mean_entropy(p_adv),
+                                              mean_entropy(p_nat)]),
                                  torch.full((), float(y.shape[0]), device=y.device))
         # 4. EBB step mode (affects the next iteration; a no-op in solve mode). 5. NLB (its new weights are used now).
         self.ebb.step(stats[2], stats[3])
@@ -191,7 +194,7 @@ class MTARD(BMTARD):
         super().__init__(*args, ebb=EBBConfig(enabled=False, tau_adv_init=1.0, tau_nat_init=1.0), **kwargs)
 
 
-class Natural(Task):
+class Natural(Method):
     """Cross-entropy on clean images (also trains the clean teacher)."""
 
     name = "natural"
@@ -204,7 +207,7 @@ class Natural(Task):
         return StepOutput(loss, {"loss": loss.detach(), "L_nat": loss.detach()}, self._counts(y, None, logits.detach()))
 
 
-class SAT(Task):
+class SAT(Method):
     """Madry PGD adversarial training: CE on PGD-10 examples with a uniform start."""
 
     name = "sat"
@@ -218,7 +221,7 @@ class SAT(Task):
         return StepOutput(loss, {"loss": loss.detach(), "L_adv": loss.detach()}, self._counts(y, logits.detach(), None))
 
 
-class TRADES(Task):
+class TRADES(Method):
     """CE(clean) + beta * KL(S(x) || S(x_adv)); the attack maximises that KL."""
 
     name = "trades"
@@ -239,7 +242,7 @@ class TRADES(Task):
         return StepOutput(loss, stats, self._counts(y, s_adv.detach(), s_nat.detach()))
 
 
-class ARD(Task):
+class ARD(Method):
     """alpha * T^2 * KL(T_robust(x)/T || S(x_adv)/T) + (1 - alpha) * CE(S(x), y); CE attack on the student."""
 
     name = "ard"
@@ -253,9 +256,10 @@ class ARD(Task):
             s_adv = self.model(x_adv)
             s_nat = self.model(x) if m.ard_alpha < 1 else None
             with torch.no_grad():
-                t_nat = self.teachers.robust(x)
+                t_nat = self._teacher("robust")(x)
         p = F.softmax(t_nat.float() / t, dim=1)
-        kl = reduce_elements(p * (torch.log(p.clamp_min(1e-12)) - F.log_softmax(s_adv.float() / t, dim=1)), lc.reduction)
+        kl = reduce_elements(p * (torch.log(p.clamp_min(1e-12)) - F.log_softmax(s_adv.float() / t, dim=1)),
+                             lc.reduction)
         l_adv = m.ard_alpha * t * t * kl
         l_nat = (1 - m.ard_alpha) * F.cross_entropy(s_nat.float(), y) if s_nat is not None else torch.zeros_like(l_adv)
         loss = l_adv + l_nat
@@ -263,7 +267,7 @@ class ARD(Task):
         return StepOutput(loss, stats, self._counts(y, s_adv.detach(), None if s_nat is None else s_nat.detach()))
 
 
-class RSLAD(Task):
+class RSLAD(Method):
     """Robust teacher's soft labels on clean x as targets for S(x) (1/6) and S(x_adv) (5/6)."""
 
     name = "rslad"
@@ -271,7 +275,7 @@ class RSLAD(Task):
     def step(self, x: Tensor, y: Tensor) -> StepOutput:
         a, m, lc = self.cfg.attack, self.cfg.method, self.cfg.loss
         with torch.no_grad(), self.autocast():
-            t_nat = self.teachers.robust(x)
+            t_nat = self._teacher("robust")(x)
         p = F.softmax(t_nat.float(), dim=1)
         with self.autocast():
             x_adv = attacks.pgd_soft_label(self.raw, x, p, eps=a.eps, step_size=a.step_size, steps=a.steps,
@@ -289,10 +293,10 @@ class RSLAD(Task):
         return StepOutput(loss, stats, self._counts(y, s_adv.detach(), s_nat.detach()))
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (BMTARD, MTARD, Natural, SAT, TRADES, ARD, RSLAD)}
-assert tuple(TASKS) == tuple(METHOD_TEACHERS)
+METHODS: dict[str, type[Method]] = {t.name: t for t in (BMTARD, MTARD, Natural, SAT, TRADES, ARD, RSLAD)}
+assert tuple(METHODS) == tuple(METHOD_TEACHERS)
 
 
-def build_task(method: str, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int,
-               **kwargs: Any) -> Task:
-    return TASKS[method](model, raw, cfg, teachers, num_classes, **kwargs)
+def build_method(method: str, model: nn.Module, raw: nn.Module, cfg: RunConfig, teachers: Teachers, num_classes: int,
+               **kwargs: Any) -> Method:
+    return METHODS[method](model, raw, cfg, teachers, num_classes, **kwargs)

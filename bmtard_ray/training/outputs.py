@@ -1,24 +1,17 @@
-"""A finished run's summary and the files it leaves: the model file, trace, metrics, summary and reports.
-
-Also the per-epoch line a local run prints and the summary table both runners print.
-"""
+"""A finished run's summary and the files it leaves: the model file, trace, metrics, summary and reports."""
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from bmtard_ray import io
 from bmtard_ray.config import RunConfig
 from bmtard_ray.data import DatasetInfo
 from bmtard_ray.evaluation.core import EvalResult
 from bmtard_ray.evaluation.report import write_reports
 from bmtard_ray.names import teacher_roles
+from bmtard_ray.runtime import fileio
+from bmtard_ray.storage.run_folder import MODEL_FILE
 
 
 def teacher_provenance(cfg: RunConfig) -> dict[str, Any]:
@@ -41,9 +34,10 @@ def build_summary(cfg: RunConfig, history: list[dict[str, Any]], epochs: int, re
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     attacks = list(summary["results"]["test"]["accuracy"])
+    w_robust = " | ".join(f"W-Robust {a}" for a in attacks if a != "clean")
     lines = [f"# {summary['name']}: {summary['method']} student {summary['student']} on {summary['dataset']}", "",
              f"{summary['epochs']} epochs, seed {summary['seed']}, training time {summary['train_seconds']:.0f} s.", "",
-             "| split | n | " + " | ".join(attacks) + " | " + " | ".join(f"W-Robust {a}" for a in attacks if a != "clean") + " |",
+             "| split | n | " + " | ".join(attacks) + " | " + w_robust + " |",
              "|---|---:|" + "---:|" * (2 * len(attacks) - 1)]
     for split, r in summary["results"].items():
         accs = " | ".join(f"{r['accuracy'][a]:.2f}" for a in attacks)
@@ -60,39 +54,9 @@ def write_run_outputs(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], re
     for split, r in results.items():
         result = EvalResult(r["accuracy"], r["w_robust"], r["n_examples"], r["seconds"], r["meta"])
         write_reports(result, run_dir / "eval", model_info=info | {"split": split}, stem=split)
-    io.atomic_torch_save(model_file, run_dir / "model.pt")
+    fileio.atomic_torch_save(model_file, run_dir / MODEL_FILE)
     if trace is not None:
-        io.atomic_parquet(trace, run_dir / "trace.parquet")
-    io.atomic_parquet(io.history_table(history), run_dir / "metrics.parquet")
-    io.atomic_text(json.dumps(summary, indent=2, default=str), run_dir / "summary.json")
-    io.atomic_text(summary_markdown(summary), run_dir / "summary.md")
-
-
-def print_summary(summary: dict[str, Any], console: Console) -> None:
-    attacks = list(summary["results"]["test"]["accuracy"])
-    table = Table(title=f"{summary['name']}: {summary['method']} / {summary['student']} / {summary['dataset']}")
-    table.add_column("split")
-    table.add_column("n", justify="right")
-    for a in attacks:
-        table.add_column(a, justify="right")
-    for a in attacks:
-        if a != "clean":
-            table.add_column(f"W-Robust {a}", justify="right")
-    for split, r in summary["results"].items():
-        table.add_row(split, str(r["n_examples"]), *(f"{r['accuracy'][a]:.2f}" for a in attacks),
-                      *(f"{r['w_robust'][a]:.2f}" for a in attacks if a != "clean"))
-    console.print(table)
-
-
-def epoch_logger(console: Console, epochs: int) -> Callable[[dict[str, Any]], None]:
-    """One line per epoch for a local run."""
-    def log(m: dict[str, Any]) -> None:
-        parts = [f"epoch {m['epoch']:>3}/{epochs}", f"loss {m['train_loss']:.4f}", f"lr {m['lr']:.4g}"]
-        for key in ("tau_adv", "tau_nat", "w_adv", "w_nat"):
-            if key in m and not math.isnan(m[key]):
-                parts.append(f"{key} {m[key]:.4f}")
-        if "val_w_robust" in m:
-            parts.append(f"val clean {m['val_clean']:.2f} robust {m['val_robust']:.2f} W {m['val_w_robust']:.2f}")
-        parts.append(f"{m['images_per_s']:.0f} img/s, {m['seconds']:.1f} s")
-        console.print(" | ".join(parts))
-    return log
+        fileio.atomic_parquet(trace, run_dir / "trace.parquet")
+    fileio.atomic_parquet(fileio.history_table(history), run_dir / "metrics.parquet")
+    fileio.atomic_text(json.dumps(summary, indent=2, default=str), run_dir / "summary.json")
+    fileio.atomic_text(summary_markdown(summary), run_dir / "summary.md")

@@ -1,9 +1,10 @@
 """Teachers: loading the frozen ones a run distils from, and training the ones it lacks.
 
-Loading: a teacher is any model file the loader of :mod:`bmtard_ray.models.checkpoint` reads (ours, a public
-state dict, or the pyautoattack ResNet-18), frozen on the device. Training: a teacher with no checkpoint is trained once (natural training for the clean teacher, SAT or TRADES for
-the robust one) on the training split (never the validation or test split) and cached under a folder
-named by a hash of everything that determines it, so every later run, trial or worker reuses it.
+Loading: a teacher is any model file the loader of :mod:`bmtard_ray.models.files` reads (ours, a public
+state dict, or the pyautoattack ResNet-18), frozen on the device. Training: a teacher with no checkpoint is
+trained once (natural training for the clean teacher, SAT or TRADES for the robust one) on the training split
+(never the validation or test split) and cached under a folder named by a hash of everything that determines
+it, so every later run, trial or worker reuses it.
 
 A cache entry appears whole or not at all: a teacher is trained in ``<cache>/.incomplete/<name>`` (where an
 interrupted Ray teacher run resumes from its checkpoint) and renamed into place once its ``model.pt`` and
@@ -22,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bmtard_ray import io
 from bmtard_ray.config import MethodConfig, RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
 from bmtard_ray.data import DatasetInfo, Split
-from bmtard_ray.device import select_device
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.probe import chance_warning, probe_accuracy
-from bmtard_ray.models.checkpoint import PYAUTOATTACK, LoadedModel, load_model
+from bmtard_ray.models.files import PYAUTOATTACK, LoadedModel, load_model
 from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR, teacher_roles
+from bmtard_ray.runtime import fileio
+from bmtard_ray.runtime.device import select_device
 
 # Runs a training config to completion; must leave <output_dir>/<name>/model.pt behind.
 RunFn = Callable[[RunConfig], object]
@@ -162,7 +163,7 @@ def build_entry(tcfg: RunConfig, run: RunFn, role: str) -> Path:
     run(building)
     if not (built / "model.pt").is_file():
         raise RuntimeError(f"training the {role} teacher did not produce {built / 'model.pt'}")
-    io.atomic_text(json.dumps({"format": ENTRY_FORMAT, "role": role, "name": tcfg.name}) + "\n", built / ENTRY_FILE)
+    fileio.atomic_text(json.dumps({"format": ENTRY_FORMAT, "role": role, "name": tcfg.name}) + "\n", built / ENTRY_FILE)
     if (final / "model.pt").is_file():  # another run finished the same teacher meanwhile: keep theirs
         shutil.rmtree(built, ignore_errors=True)
         return final / "model.pt"

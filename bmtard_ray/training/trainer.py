@@ -1,8 +1,9 @@
-"""The training loop: epochs, schedule, validation, checkpoints, trace and final evaluation.
+"""The trainer: the epoch loop, its schedule, validation, checkpoints, trace and final evaluation.
 
-It knows nothing about Ray. Whoever runs it passes a ``report(metrics, checkpoint)`` callable (the local
-runner writes the checkpoint to disk; the Ray Train layer hands it to ``ray.train.report``) and, for data
-parallelism, an initialised torch.distributed process group (see :mod:`bmtard_ray.dist`).
+It knows nothing about Ray. Whoever runs it passes a ``report(metrics, checkpoint)`` callable (the in-process
+launch writes the checkpoint to disk; the Ray Train layer hands it to ``ray.train.report``) and, for data
+parallelism, an initialised torch.distributed process group (see :mod:`bmtard_ray.runtime.dist`). What it
+reports is :mod:`bmtard_ray.training.metrics`'; the checkpoint's format is :mod:`bmtard_ray.storage.checkpoints`'.
 Inside an epoch nothing waits on the device: the per-iteration statistics are stacked on the device and
 moved to the host once, at the end of the epoch.
 """
@@ -22,26 +23,25 @@ from torch import Tensor, nn
 
 from bmtard_ray.config import EvalConfig, RunConfig, to_dict
 from bmtard_ray.data import BatchLoader, DataBundle, Split, make_reference_loader, prepare_data, stratified_subset
-from bmtard_ray.device import autocast_for, select_device
-from bmtard_ray.dist import DistContext
-from bmtard_ray.engine import COUNT_NAMES, STAT_NAMES, Teachers, Task, build_task
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.core import evaluate, w_robust
-from bmtard_ray.logit_cache import CachedTeacher
 from bmtard_ray.models import build_model
-from bmtard_ray.models.checkpoint import model_record
+from bmtard_ray.models.files import model_record
 from bmtard_ray.names import teacher_roles
-from bmtard_ray.storage import CHECKPOINT_FORMAT
-from bmtard_ray.summary import build_summary, teacher_provenance, write_run_outputs
-from bmtard_ray.teachers import load_teacher
+from bmtard_ray.runtime.device import autocast_for, select_device
+from bmtard_ray.runtime.dist import DistContext
+from bmtard_ray.storage import checkpoints
+from bmtard_ray.training.logit_cache import CachedTeacher
+from bmtard_ray.training.methods import Method, Teachers, build_method
+from bmtard_ray.training.metrics import COUNT_NAMES, EPOCH_METRICS, STAT_NAMES, TRACE_COLUMNS
+from bmtard_ray.training.outputs import build_summary, teacher_provenance, write_run_outputs
+from bmtard_ray.training.teachers import load_teacher
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 EpochLogger = Callable[[dict[str, Any]], None]
 # Called on every rank after every iteration; True = checkpoint now (e.g. a preemption notice). Every rank
 # must return the same answer (the checkpoint's statistics are all-reduced).
 CheckpointNow = Callable[[], bool]
-
-TRACE_COLUMNS = ("iteration", "epoch") + STAT_NAMES
 
 
 def seed_everything(seed: int) -> None:
@@ -150,12 +150,13 @@ class Trainer:
                 if t is not None:
                     t.to(memory_format=torch.channels_last)
         self.model = self.dist.wrap(self.student, self.device)
-        raw, model = self.student, self.model
+        raw: Any = self.student  # torch.compile returns a callable wrapper, not a module
+        model: Any = self.model
         if cfg.compile:
             raw = torch.compile(self.student, backend=compile_backend)
             model = torch.compile(self.model, backend=compile_backend)
         self.autocast = autocast_for(self.device, self.fast)
-        self.task: Task = build_task(cfg.method.name, model, raw, cfg, self.teachers, info.num_classes,
+        self.method: Method = build_method(cfg.method.name, model, raw, cfg, self.teachers, info.num_classes,
                                      reduce_mean=self.dist.all_reduce_mean,
                                      gather_rows=partial(self.dist.all_gather_rows, max_rows=self.local_batch),
                                      autocast=self.autocast)
@@ -179,17 +180,16 @@ class Trainer:
 
     # --- checkpoint state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "epoch": self.state.epoch, "config": to_dict(self.cfg),
+        return {"format": checkpoints.FORMAT, "epoch": self.state.epoch, "config": to_dict(self.cfg),
                 "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "task": self.task.state_dict(),
+                # "task": the method's balance state (the checkpoint format's key for it)
+                "optimizer": self.optimizer.state_dict(), "task": self.method.state_dict(),
                 "history": self.state.history, "trace": self.state.trace, "rng": _rng_state(),
                 "world_size": self.dist.world_size,
                 "partial": self.state.partial.to_dict() if self.state.partial else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"not a bmtard_ray training checkpoint of format {CHECKPOINT_FORMAT} "
-                                  f"(found {state.get('format')!r})")
+        checkpoints.check_format(state, "this checkpoint")
         try:
             self.student.load_state_dict(state["student"])
         except RuntimeError:  # another architecture (or class count) than the one the run trains
@@ -197,7 +197,7 @@ class Trainer:
             raise CheckpointError(f"the checkpoint holds a {saved} student, not the {self.cfg.student} this run "
                                   "trains") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        self.task.load_state_dict(state["task"])
+        self.method.load_state_dict(state["task"])
         partial = state.get("partial")
         self.state = TrainState(epoch=int(state["epoch"]), history=list(state["history"]), trace=list(state["trace"]),
                                 partial=PartialEpoch(**partial) if partial else None)
@@ -211,7 +211,7 @@ class Trainer:
         factor = schedule_factor(epoch, o.milestones, o.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * factor
-        self.task.decay(factor)
+        self.method.decay(factor)
         return factor
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -235,11 +235,11 @@ class Trainer:
             loss_scale = 1.0
             if device_loader and ws > 1:
                 total = self.loader.global_size(k)
-                self.task.shard = (self.loader.batch_rows(k)[0], total)
+                self.method.shard = (self.loader.batch_rows(k)[0], total)
                 # DDP averages the ranks' gradients; scaling each rank's mean loss by its share of the global
                 # batch (n_r * W / B) makes that average the gradient of the global batch's mean loss.
                 loss_scale = y.shape[0] * ws / total
-            out = self.task.step(x, y)
+            out = self.method.step(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
             self.optimizer.step()
@@ -260,17 +260,19 @@ class Trainer:
         idx = torch.arange(first_iter, first_iter + table.shape[0], dtype=torch.float32).unsqueeze(1)
         ep = torch.full_like(idx, float(epoch))
         self.state.trace.append(torch.cat([idx, ep, table], dim=1))
-        c = dict(zip(COUNT_NAMES, folded.counts.tolist()))
-        means = dict(zip(STAT_NAMES, table.nanmean(0).tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES)))
-        last = dict(zip(STAT_NAMES, table[-1].tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES)))
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": self.cfg.optim.lr * factor, "seconds": seconds,
-                                   "images_per_s": c["n"] / seconds if seconds > 0 else math.nan}
-        metrics.update({f"train_{k}": means[k] for k in ("loss", "L_adv", "L_nat")})
-        metrics.update({k: last[k] for k in STAT_NAMES if k.startswith(("tau", "w_"))})
-        metrics.update({"H_adv": means["H_adv"], "H_nat": means["H_nat"]})
-        metrics["train_acc_adv"] = 100 * c["correct_adv"] / c["seen_adv"] if c["seen_adv"] else math.nan
-        metrics["train_acc_nat"] = 100 * c["correct_nat"] / c["seen_nat"] if c["seen_nat"] else math.nan
-        return metrics
+        c = dict(zip(COUNT_NAMES, folded.counts.tolist(), strict=False))
+        means = dict(zip(STAT_NAMES, table.nanmean(0).tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES),
+                         strict=False))
+        last = dict(zip(STAT_NAMES, table[-1].tolist() if table.shape[0] else [math.nan] * len(STAT_NAMES),
+                        strict=False))
+        values: dict[str, Any] = {"epoch": epoch, "lr": self.cfg.optim.lr * factor, "seconds": seconds,
+                                  "images_per_s": c["n"] / seconds if seconds > 0 else math.nan}
+        values.update({f"train_{k}": means[k] for k in ("loss", "L_adv", "L_nat")})
+        values.update({k: last[k] for k in STAT_NAMES if k.startswith(("tau", "w_"))})
+        values.update({"H_adv": means["H_adv"], "H_nat": means["H_nat"]})
+        values["train_acc_adv"] = 100 * c["correct_adv"] / c["seen_adv"] if c["seen_adv"] else math.nan
+        values["train_acc_nat"] = 100 * c["correct_nat"] / c["seen_nat"] if c["seen_nat"] else math.nan
+        return {name: values[name] for name in EPOCH_METRICS if name in values}  # the registry's order
 
     def _fold(self, prior: PartialEpoch | None, epoch: int, batches: int, stats: list[dict[str, Tensor]],
               counts: list[dict[str, Tensor]], start: float) -> PartialEpoch:
@@ -293,10 +295,10 @@ class Trainer:
                         self.state_dict())
 
     def _stack_stats(self, stats: list[dict[str, Tensor]], counts: list[dict[str, Tensor]]) -> Tensor:
-        """The statistics of these iterations as a host (iters, len(STAT_NAMES)) table, NaN where the task has
+        """The statistics of these iterations as a host (iters, len(STAT_NAMES)) table, NaN where the method has
         none.
 
-        Stacked on the device and moved to the host once. Tasks whose statistics are per rank (every method
+        Stacked on the device and moved to the host once. Methods whose statistics are per rank (every method
         but B-MTARD, which all-reduces its own every step for the balance) are averaged over ranks here, once,
         each rank's means weighted by its example count (uneven shards).
         """
@@ -304,7 +306,7 @@ class Trainer:
             return torch.zeros(0, len(STAT_NAMES))
         names = [k for k in STAT_NAMES if k in stats[0]]
         table = torch.stack([torch.stack([s[k] for k in names]) for s in stats]).float()
-        if not self.task.global_stats:
+        if not self.method.global_stats:
             table = self.dist.all_reduce_mean(table, torch.stack([c["n"] for c in counts]).float())
         full = torch.full((table.shape[0], len(STAT_NAMES)), math.nan)
         full[:, [STAT_NAMES.index(k) for k in names]] = table.cpu()
@@ -334,9 +336,9 @@ class Trainer:
         names = list(result.accuracy)
         correct = torch.tensor([result.accuracy[a] * result.n_examples / 100 for a in names] + [result.n_examples],
                                dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        correct = self.dist.all_reduce_sum(correct).cpu().tolist()
-        n = correct[-1]
-        acc = {a: 100 * round(c) / n for a, c in zip(names, correct[:-1])}
+        summed = self.dist.all_reduce_sum(correct).cpu().tolist()
+        n = summed[-1]
+        acc = {a: 100 * round(c) / n for a, c in zip(names, summed[:-1], strict=False)}
         out: dict[str, Any] = {"n_examples": int(n), "accuracy": acc,
                                "w_robust": {a: w_robust(acc["clean"], v) for a, v in acc.items() if a != "clean"}
                                if "clean" in acc else {}, "meta": result.meta, "seconds": result.seconds}

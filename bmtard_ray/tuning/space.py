@@ -24,22 +24,21 @@ Interactions between keys are handled two ways:
   ``[tau_min, tau_max]`` is clipped into it. Clipping is deterministic, so TPE still learns a function
   of what it sampled; the effective value is what the trial runs and reports. Every other constraint of
   :func:`bmtard_ray.config.validate` is checked on every corner of the box before the search starts
-  (:func:`check_space`), so a range that can produce an invalid trial is refused up front.
+  (:func:`~bmtard_ray.tuning.trials.check_space`), so a range that can produce an invalid trial is refused up
+  front. From sampled values to a trial's configuration is :mod:`bmtard_ray.tuning.trials`.
 """
 from __future__ import annotations
 
 import difflib
-import itertools
 import math
-import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-from bmtard_ray.config import RunConfig, flat_keys, preset_names, replace, validate
+from bmtard_ray.config import RunConfig, flat_keys, preset_names
 from bmtard_ray.errors import ConfigError
 
 
@@ -58,8 +57,6 @@ NUMERIC_FIELDS = ("type", "low", "high", "log", "step", "when")
 CATEGORICAL_FIELDS = ("type", "choices", "when")
 # Optuna's CategoricalDistribution accepts only these choice types (and they survive SQLite storage).
 CHOICE_TYPES = (type(None), bool, int, float, str)
-# Above this many corners, check each parameter's extremes plus a seeded random sample of corners.
-MAX_CORNERS = 4096
 
 
 @dataclass(frozen=True)
@@ -86,13 +83,13 @@ class Param:
 
     def describe(self) -> str:
         if self.kind == "categorical":
-            text = "{" + ", ".join(_fmt(c) for c in self.choices) + "}"
+            text = "{" + ", ".join(fmt_value(c) for c in self.choices) + "}"
         else:
-            text = f"{self.kind} [{_fmt(self.low)}, {_fmt(self.high)}]"
+            text = f"{self.kind} [{fmt_value(self.low)}, {fmt_value(self.high)}]"
             text += " log" if self.log else ""
-            text += f" step {_fmt(self.step)}" if self.step is not None else ""
+            text += f" step {fmt_value(self.step)}" if self.step is not None else ""
         if self.when:
-            text += " when " + ", ".join(f"{k} in {{{', '.join(_fmt(v) for v in vs)}}}" for k, vs in self.when)
+            text += " when " + ", ".join(f"{k} in {{{', '.join(fmt_value(v) for v in vs)}}}" for k, vs in self.when)
         return text
 
 
@@ -116,7 +113,7 @@ class SearchSpace:
         raise KeyError(key)
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None:
         return "null"
     if isinstance(v, float):
@@ -257,17 +254,17 @@ def _parse_param(key: str, spec: Any, earlier: list[str], all_params: tuple[str,
     if step is not None:
         step = _number(step, "step", where)
         if step <= 0:
-            raise ConfigError(f"{where}: step must be > 0, got {_fmt(step)}")
+            raise ConfigError(f"{where}: step must be > 0, got {fmt_value(step)}")
     if kind == "int":
         for name, v in (("low", low), ("high", high), ("step", step)):
             if v is not None and not float(v).is_integer():
-                raise ConfigError(f"{where}: type int needs an integer {name}, got {_fmt(v)}")
+                raise ConfigError(f"{where}: type int needs an integer {name}, got {fmt_value(v)}")
         low, high = int(low), int(high)
         step = int(step) if step is not None else None
     if low > high:
-        raise ConfigError(f"{where}: low ({_fmt(low)}) > high ({_fmt(high)})")
+        raise ConfigError(f"{where}: low ({fmt_value(low)}) > high ({fmt_value(high)})")
     if log and low <= 0:
-        raise ConfigError(f"{where}: log scale needs a positive low bound, got low={_fmt(low)}")
+        raise ConfigError(f"{where}: log scale needs a positive low bound, got low={fmt_value(low)}")
     if log and step is not None and kind == "float":
         raise ConfigError(f"{where}: a float parameter cannot be both log-scaled and stepped (Optuna allows one)")
     if log and kind == "int" and step not in (None, 1):
@@ -275,7 +272,7 @@ def _parse_param(key: str, spec: Any, earlier: list[str], all_params: tuple[str,
     if step is not None:
         n = (high - low) / step
         if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
-            raise ConfigError(f"{where}: step {_fmt(step)} does not divide high - low = {_fmt(high - low)}")
+            raise ConfigError(f"{where}: step {fmt_value(step)} does not divide high - low = {fmt_value(high - low)}")
     return Param(key, kind, low=low, high=high, log=log, step=step, when=when)
 
 
@@ -299,7 +296,8 @@ def parse_space(data: Any, source: str = "<space>", name: str = "space") -> Sear
             raise ConfigError(f"{source}: unknown field 'base.{key}'; accepted: {', '.join(BASE_FIELDS)}")
     preset = base.get("preset")
     if preset is not None and preset not in preset_names():
-        raise ConfigError(f"{source}: base.preset: unknown preset '{preset}'; choose one of: {', '.join(preset_names())}")
+        raise ConfigError(f"{source}: base.preset: unknown preset '{preset}'; choose one of: "
+                          f"{', '.join(preset_names())}")
     base_set = base.get("set") or {}
     if not isinstance(base_set, dict):
         raise ConfigError(f"{source}: base.set must be a mapping of dotted config keys to values")
@@ -321,111 +319,5 @@ def parse_space(data: Any, source: str = "<space>", name: str = "space") -> Sear
                        base_preset=preset, base_set=dict(base_set))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# From sampled values to a trial's RunConfig.
-
-# (value key, lower-bound key, upper-bound key): the numeric interactions that are repaired by clipping.
-CLIP_RULES = (("ebb.tau_adv_init", "ebb.tau_min", "ebb.tau_max"),
-              ("ebb.tau_nat_init", "ebb.tau_min", "ebb.tau_max"))
-
-
-def repair(cfg: RunConfig, sampled: Mapping[str, Any]) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
-    """Clip values that depend on other sampled values (see the module docstring).
-
-    Only rules touching a sampled key apply, so a base config the user wrote is never silently changed.
-    Returns the repaired config and ``{key: (sampled, effective)}`` for every clipped value.
-    """
-    values = flat_keys(cfg)
-    changes: dict[str, Any] = {}
-    clipped: dict[str, tuple[Any, Any]] = {}
-    for key, lo_key, hi_key in CLIP_RULES:
-        if not {key, lo_key, hi_key} & set(sampled):
-            continue
-        v, lo, hi = values[key], values[lo_key], values[hi_key]
-        if lo <= hi and not lo <= v <= hi:  # lo > hi cannot be repaired: validate() reports it
-            changes[key] = min(max(v, lo), hi)
-            clipped[key] = (v, changes[key])
-    return (replace(cfg, **changes) if changes else cfg), clipped
-
-
-def active_values(space: SearchSpace, base: RunConfig, sampled: Mapping[str, Any]) -> dict[str, Any]:
-    """The sampled values whose ``when`` holds, evaluated in file order (as the sampler does)."""
-    values = flat_keys(base)
-    out: dict[str, Any] = {}
-    for p in space.params:
-        if p.key in sampled and p.active(values):
-            out[p.key] = sampled[p.key]
-            values[p.key] = sampled[p.key]
-    return out
-
-
-def trial_config(base: RunConfig, space: SearchSpace, sampled: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    """Apply a trial's sampled values to ``base``, repair, validate; returns (config, effective values)."""
-    unknown = set(sampled) - set(space.keys)
-    if unknown:
-        raise ConfigError(f"{space.source}: trial values for keys the space does not search: {', '.join(sorted(unknown))}")
-    values = active_values(space, base, sampled)
-    try:
-        cfg = replace(base, **values)
-        cfg, _ = repair(cfg, values)
-        validate(cfg)
-    except ConfigError as exc:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        raise ConfigError(f"{space.source}: trial values {{{shown}}} give an invalid config: {exc}") from None
-    effective = flat_keys(cfg)
-    return cfg, {k: effective[k] for k in values}
-
-
-def corners(space: SearchSpace, limit: int = MAX_CORNERS, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Every combination of each parameter's extremes, or (if there are more than ``limit``) each
-    parameter's extremes one at a time plus a seeded random sample of combinations."""
-    axes = [p.extremes() for p in space.params]
-    total = math.prod(len(a) for a in axes)
-    keys = space.keys
-    if total <= limit:
-        for combo in itertools.product(*axes):
-            yield dict(zip(keys, combo))
-        return
-    middle = {p.key: p.extremes()[0] for p in space.params}
-    for p in space.params:
-        for v in p.extremes():
-            yield middle | {p.key: v}
-    rng = random.Random(seed)
-    for _ in range(limit):
-        yield {k: rng.choice(a) for k, a in zip(keys, axes)}
-
-
-def check_space(space: SearchSpace, base: RunConfig) -> int:
-    """Validate every corner of the space on top of ``base``; returns how many were checked.
-
-    The constraints of ``validate`` are box- or monotone-shaped in each key, so a space whose corners are
-    all valid (after clipping) produces only valid trials; the trainable validates its config again anyway.
-    """
-    n = 0
-    for corner in corners(space):
-        trial_config(base, space, corner)
-        n += 1
-    return n
-
-
-def base_values(cfg: RunConfig, space: SearchSpace) -> dict[str, Any]:
-    """The base config's values for the keys that ``when`` conditions read (for the define-by-run sampler)."""
-    flat = flat_keys(cfg)
-    needed = {k for p in space.params for k, _ in p.when}
-    return {k: flat[k] for k in needed if k in flat}
-
-
 def describe_space(space: SearchSpace) -> list[tuple[str, str]]:
     return [(p.key, p.describe()) for p in space.params]
-
-
-__all__ = ["Param", "SearchSpace", "SPACES_DIR", "PARAM_TYPES", "space_names", "resolve_space_path", "load_space",
-           "parse_space", "repair", "trial_config", "active_values", "corners", "check_space", "base_values",
-           "describe_space", "CLIP_RULES"]
-
-
-def trial_methods(space: SearchSpace, cfg: RunConfig) -> list[str]:
-    """Every method a trial can run: the base one, or the choices when the space searches method.name."""
-    if "method.name" in space.keys:
-        return list(space.param("method.name").choices)
-    return [cfg.method.name]
