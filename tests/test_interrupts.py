@@ -33,10 +33,6 @@ from bmtard_ray.config import build_config
 from bmtard_ray.launch.local import run_local
 from rich.console import Console
 
-# Fixtures shared with test_reliability.py (finished: a module fixture, a finished smoke run).
-common = test_reliability.common
-finished = test_reliability.finished
-
 real_save, calls = torch.save, []
 def dying_save(obj, path, *a, **k):
     if os.path.basename(str(path)).startswith(".checkpoint.pt."):
