@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train a student by B-MTARD or a baseline: `python run_train.py --help`."""
-from bmtard_ray.cli import train_main
+from bmtard_ray.cli.train import main
 
 if __name__ == "__main__":
-    raise SystemExit(train_main())
+    raise SystemExit(main())

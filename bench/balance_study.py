@@ -37,13 +37,14 @@ sys.path.insert(0, str(BENCH))
 import reproduce  # noqa: E402  (bench/reproduce.py: the suite and hardware helpers)
 import study_records as records  # noqa: E402
 import study_report  # noqa: E402
-from bmtard_ray import io  # noqa: E402
+
 from bmtard_ray.config import RunConfig, build_config  # noqa: E402
 from bmtard_ray.errors import BmtardError  # noqa: E402
-from bmtard_ray.runner import run_local  # noqa: E402
-from bmtard_ray.storage import CHECKPOINT_FILE  # noqa: E402
-from bmtard_ray.teachers import cached_path, ensure_teachers  # noqa: E402
-from bmtard_ray.tuning.search_space import load_space  # noqa: E402
+from bmtard_ray.launch.local import run_local  # noqa: E402
+from bmtard_ray.runtime import fileio as io  # noqa: E402
+from bmtard_ray.storage.checkpoints import FILE as CHECKPOINT_FILE  # noqa: E402
+from bmtard_ray.training.teachers import cached_path, ensure_teachers  # noqa: E402
+from bmtard_ray.tuning.space import load_space  # noqa: E402
 
 SPACE = "ebb"
 LARGE_ETA = 0.02  # 20x the paper's 0.001: over the cpu scale's 395 iterations a temperature can travel ~6
@@ -148,7 +149,7 @@ def record_teacher(args: argparse.Namespace, name: str, spec: str, train_seconds
 
 def evaluate_teacher(args: argparse.Namespace, name: str, spec: str) -> dict[str, float]:
     """Clean and PGD-20 accuracy on the suite's test images."""
-    from bmtard_ray.evaluation.cli import main as run_eval
+    from bmtard_ray.cli.evaluate import main as run_eval
 
     folder = args.out / "teacher-eval" / name
     shutil.rmtree(folder, ignore_errors=True)

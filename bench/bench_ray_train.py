@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bmtard_ray.config import RunConfig, build_config, replace  # noqa: E402
 from bmtard_ray.data import dataset_info  # noqa: E402
-from bmtard_ray.io import atomic_torch_save  # noqa: E402
-from bmtard_ray.loop import Trainer  # noqa: E402
-from bmtard_ray.models.checkpoint import model_record  # noqa: E402
 from bmtard_ray.models import build_model  # noqa: E402
+from bmtard_ray.models.files import model_record  # noqa: E402
+from bmtard_ray.runtime.fileio import atomic_torch_save  # noqa: E402
+from bmtard_ray.training.trainer import Trainer  # noqa: E402
 
 
 def random_teachers(cfg: RunConfig, folder: Path) -> RunConfig:
@@ -142,7 +142,8 @@ def main() -> int:
     print(f"| {'setup':<40} | {'images/s':>9} | {'vs in-process CPU':>17} | {'start-up s':>10} |")
     print(f"|{'-' * 42}|{'-' * 10}:|{'-' * 18}:|{'-' * 11}:|")
     for label, r in rows:
-        print(f"| {label:<40} | {r['images_per_s']:>9.0f} | {r['images_per_s'] / base:>16.2f}x | {r['startup_s']:>10.1f} |")
+        print(f"| {label:<40} | {r['images_per_s']:>9.0f} | {r['images_per_s'] / base:>16.2f}x "
+              f"| {r['startup_s']:>10.1f} |")
     one = rows[1][1]["images_per_s"]
     print(f"\nRay overhead of 1 worker vs in-process (throughput): {100 * (base / one - 1):+.1f}% time per image")
     return 0

@@ -140,14 +140,14 @@ def measured_rows(data_root: str, out: Path) -> list[str]:
     import pyarrow.parquet as pq
     from rich.console import Console
 
+    from bmtard_ray.launch.local import run_local
     from bmtard_ray.ray_train import (
         ScalingOptions,
         run_ray,
         start_local_ray,
         stop_local_ray,
     )
-    from bmtard_ray.runner import run_local
-    from bmtard_ray.teachers import ensure_teachers
+    from bmtard_ray.training.teachers import ensure_teachers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from multinode import (  # the tests' 2-node cluster on this machine
@@ -184,7 +184,8 @@ def measured_rows(data_root: str, out: Path) -> list[str]:
     with local_cluster({"resources": {"node_a": 1}}, {"resources": {"node_b": 1}}):
         rows.append(one("2 nodes x 1 worker", ScalingOptions(2, 1.0, 0.0, "SPREAD")))
     lines = ["| measured here (smoke preset, tiny_cnn, global batch 32, 2 epochs; overhead only) | images/s reported "
-             "(epoch 2) | run wall s (teachers cached) | distinct node ids of the workers |", "| --- | --- | --- | --- |"]
+             "(epoch 2) | run wall s (teachers cached) | distinct node ids of the workers |",
+             "| --- | --- | --- | --- |"]
     lines += [f"| {label} | {ips:.0f} | {wall:.0f} | {nodes} |" for label, ips, wall, nodes in rows]
     return lines
 

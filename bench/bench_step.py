@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import ceilings as ceil  # noqa: E402
 from bmtard_ray.config import RunConfig, build_config  # noqa: E402
 from bmtard_ray.data import DataBundle, Split, dataset_info  # noqa: E402
-from bmtard_ray.loop import Trainer  # noqa: E402
 from bmtard_ray.models import build_model  # noqa: E402
+from bmtard_ray.training.trainer import Trainer  # noqa: E402
 
 # Dense peak throughput in TFLOP/s (vendor datasheets, SXM, without sparsity) for the "vs device peak" column:
 # bf16 for the fast modes; TF32 for the reference mode, whose float32 convolutions cuDNN runs in TF32 under
@@ -152,7 +152,7 @@ def run_mode(name: str, mode: str, args: argparse.Namespace, tmp: Path, found: l
         done = 0
         for x, y in trainer.loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = trainer.task.step(x, y)
+            out = trainer.method.step(x, y)
             trainer.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             trainer.optimizer.step()

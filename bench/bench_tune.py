@@ -66,17 +66,17 @@ def local_run_seconds(common: list[str], epochs: int) -> float:
     """The same configuration trained in this process (data loading, model, teachers, epochs, validation)."""
     import torch
 
-    from bmtard_ray.loop import Trainer
-    from bmtard_ray.tuning.cli import base_config, tune_parser
-    from bmtard_ray.tuning.search_space import load_space
+    from bmtard_ray.cli.tune import base_config, tune_parser
+    from bmtard_ray.training.trainer import Trainer
+    from bmtard_ray.tuning.space import load_space
 
     torch.set_num_threads(1)  # a trial's worker gets one CPU
     args = tune_parser().parse_args(["--space", "smoke", *common, "--epochs", str(epochs)])
     cfg = base_config(args, load_space("smoke"))
     from rich.console import Console
 
-    from bmtard_ray.runner import run_local
-    from bmtard_ray.teachers import ensure_teachers
+    from bmtard_ray.launch.local import run_local
+    from bmtard_ray.training.teachers import ensure_teachers
 
     # In this process (the search itself trains missing teachers as Ray tasks; this timing has no Ray).
     cfg = ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=Console(quiet=True)), log=lambda s: None)
@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     shared = ["--data-root", str(Path(args.data_root).resolve()), "--set", f"teachers.cache_dir={out / 'teachers'}"]
     common = [*shared, *PROBLEM]
 
+    import optuna
     import ray
     import torch
-    import optuna
 
     print(f"# bench_tune: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (Ray: {args.num_cpus}), "
           f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "

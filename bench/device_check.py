@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     bad = [s for s in parts if s not in PARTS]
     if bad or not parts:
-        print(f"error: --parts takes a comma-separated subset of {', '.join(PARTS)}, got {args.parts!r}", file=sys.stderr)
+        print(f"error: --parts takes a comma-separated subset of {', '.join(PARTS)}, got {args.parts!r}",
+              file=sys.stderr)
         return 2
     if not args.budget > 0:
         print(f"error: --budget must be a positive number of seconds, got {args.budget}", file=sys.stderr)

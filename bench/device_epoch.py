@@ -30,7 +30,7 @@ from bench.bench_step import environment, random_teachers  # noqa: E402
 from bmtard_ray.config import build_config  # noqa: E402
 from bmtard_ray.data import DataBundle, Split, dataset_info, prepare_data  # noqa: E402
 from bmtard_ray.errors import BmtardError  # noqa: E402
-from bmtard_ray.loop import Trainer  # noqa: E402
+from bmtard_ray.training.trainer import Trainer  # noqa: E402
 
 SYNTHETIC = "synthetic"
 

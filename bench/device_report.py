@@ -80,8 +80,8 @@ def _step_section(runs: list[dict[str, Any]]) -> list[str]:
     lines = [f"Synthetic images, randomly initialised teachers, batch {first['batch_size']}, "
              f"PGD-{first['attack_steps']}, {first['timed_steps']} timed steps after warm-up. Commands: "
              + "; ".join(f"`{run['command']}`" for run in runs if run.get("command")), "",
-             "| config (student; teachers) | mode | images/s | s per 50k-image epoch | vs reference | peak GPU mem GiB | "
-             "achieved TFLOP/s | vs device peak | vs measured conv ceiling | warm-up s |",
+             "| config (student; teachers) | mode | images/s | s per 50k-image epoch | vs reference "
+             "| peak GPU mem GiB | achieved TFLOP/s | vs device peak | vs measured conv ceiling | warm-up s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ref = {r["config"]: r["images_per_s"] for r in rows if r["mode"] == "reference" and r.get("images_per_s")}
     for r in rows:
@@ -125,10 +125,11 @@ def _epoch_section(epoch: dict[str, Any] | None, runs: list[dict[str, Any]]) -> 
     lines = [f"{epoch['student']} student, {epoch['teachers']} teachers (random weights), batch {epoch['batch_size']}, "
              f"PGD-{epoch['attack_steps']}, fast path; data: {epoch['data']}. `Trainer.fit()` for one epoch "
              "(with its validation), then `Trainer.finish()` (final evaluation, files written).", "",
-             "| train images | steps | loop s | loop images/s | step benchmark fast images/s | s per 50k at the loop's rate "
-             "| validation s | final evaluation s | data load s | set-up s | wall s |",
+             "| train images | steps | loop s | loop images/s | step benchmark fast images/s "
+             "| s per 50k at the loop's rate | validation s | final evaluation s | data load s | set-up s | wall s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {epoch['train_images']} | {epoch['steps']} | {epoch['train_s']:.1f} | {epoch['loop_images_per_s']:.0f} | "
+             f"| {epoch['train_images']} | {epoch['steps']} | {epoch['train_s']:.1f} | "
+             f"{epoch['loop_images_per_s']:.0f} | "
              f"{_f(fast, '.0f')} | {per_50k:.1f} | {epoch['validation_s']:.1f} | {epoch['final_eval_s']:.1f} | "
              f"{epoch['data_s']:.1f} | {epoch['setup_s']:.1f} | {epoch['wall_s']:.1f} |", "",
              f"The first epoch includes the warm-up (cuDNN heuristics, allocator). 50,000 images at the loop's rate: "
@@ -166,8 +167,8 @@ def render(out: Path) -> str:
               "", f"Versions: {_versions(env)}." if env else "Versions: not recorded.", "",
               "| part | status | s | deadline s | note |", "|---|---|---:|---:|---|"]
     for p in status.get("parts", []):
-        lines.append(f"| {p['name']} | {p['status']} | {_f(p.get('seconds'), '.1f')} | {_f(p.get('deadline_s'), '.0f')} "
-                     f"| {p.get('note', '')} |")
+        lines.append(f"| {p['name']} | {p['status']} | {_f(p.get('seconds'), '.1f')} | "
+                     f"{_f(p.get('deadline_s'), '.0f')} | {p.get('note', '')} |")
     lines += ["", "### GPU tests (`tests/test_gpu.py`, marker `gpu`)", ""]
     lines += _tests_section(junit_results(out / "gpu_tests.xml"))
     lines += ["", "### One B-MTARD step: reference, fast, fast + compile (`bench/bench_step.py`)", ""]

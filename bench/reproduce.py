@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bmtard_ray import io  # noqa: E402
 from bmtard_ray.config import RunConfig, build_config, to_dict  # noqa: E402
 from bmtard_ray.errors import BmtardError  # noqa: E402
-from bmtard_ray.runner import run_local  # noqa: E402
-from bmtard_ray.teachers import ensure_teachers  # noqa: E402
+from bmtard_ray.launch.local import run_local  # noqa: E402
+from bmtard_ray.runtime import fileio  # noqa: E402
+from bmtard_ray.training.teachers import ensure_teachers  # noqa: E402
 
 METHODS = ("sat", "trades", "rslad", "mtard", "bmtard")
 FULL_SUITE = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack", "bb_pgd", "bb_cw")
@@ -56,7 +56,7 @@ OTHER_SCALES = {
     "gpu": "python bench/reproduce.py --scale gpu --device cuda --out runs/reproduce-gpu",
 }
 
-# REFERENCE §6, CIFAR-10 ResNet-18 student, 300 epochs with the paper's teachers (percent).
+# docs/algorithm.md §9.1, CIFAR-10 ResNet-18 student, 300 epochs with the paper's teachers (percent).
 PUBLISHED = {
     "sat": {"clean": 84.20, "fgsm": 55.59, "pgd_sat": 45.95, "pgd_trades": 48.12, "cw_inf": 45.97},
     "trades": {"clean": 83.00, "fgsm": 58.35, "pgd_sat": 52.35, "pgd_trades": 53.83, "cw_inf": 50.23},
@@ -110,7 +110,7 @@ def suite(args: argparse.Namespace, run: Path, robust_ckpt: str) -> tuple[dict[s
     """The full suite on the test split with ``run_eval`` (reports kept in ``run/suite``); AutoAttack on
     its own, smaller subset, its W-Robust against the clean accuracy of that same subset. Finished
     evaluations are read back, not redone. Returns the merged result and the evaluation seconds."""
-    from bmtard_ray.evaluation.cli import main as run_eval
+    from bmtard_ray.cli.evaluate import main as run_eval
 
     def evaluate(name: str, attacks: list[str], n: int) -> dict[str, Any]:
         report = run / "suite" / name / "model_test.json"  # run_eval names its reports after model.pt
@@ -320,18 +320,20 @@ def compare(args: argparse.Namespace) -> int:
 
     # Teachers once, for every method and seed (the seed of a student run must not retrain them).
     teacher_cfg = ensure_teachers(base_config(args, "bmtard", 0), lambda c: run_local(c, overwrite=True))
-    teacher_sets = [f"teachers.{r}.checkpoint={getattr(teacher_cfg.teachers, r).checkpoint}" for r in ("clean", "robust")]
+    teacher_sets = [f"teachers.{r}.checkpoint={getattr(teacher_cfg.teachers, r).checkpoint}" for r in ("clean",
+                                                                                                       "robust")]
     teachers: dict[str, Any] = {}
     for role in ("clean", "robust"):
         ckpt = Path(getattr(teacher_cfg.teachers, role).checkpoint)
         summary = ckpt.parent / "summary.json"
-        teachers[role] = json.loads(summary.read_text())["results"]["test"] if summary.is_file() else {"checkpoint": str(ckpt)}
+        teachers[role] = (json.loads(summary.read_text())["results"]["test"] if summary.is_file()
+                          else {"checkpoint": str(ckpt)})
 
     rows: dict[str, list[dict[str, Any]]] = {}
     wall: dict[str, list[float]] = {}
     exact: dict[str, list[float]] = {}
     commands: list[str] = [f"python bench/reproduce.py {' '.join(sys.argv[1:])}"]
-    robust_ckpt = getattr(teacher_cfg.teachers, "robust").checkpoint
+    robust_ckpt = teacher_cfg.teachers.robust.checkpoint
     for method in args.methods:
         for seed in seeds:
             cfg = base_config(args, method, seed)
@@ -359,12 +361,15 @@ def compare(args: argparse.Namespace) -> int:
              "against the clean accuracy of those same images" if "autoattack" in args.attacks else "") + ".",
              "", "Commands:", "", "```sh", *commands, "```", "",
              *[ln for para in setup_text(base_config(args, "bmtard", 0)) for ln in (para, "")],
-             "Other scales (same script): " + "; ".join(f"`{c}`" for sc, c in OTHER_SCALES.items() if sc != args.scale) + ".",
+             "Other scales (same script): " + "; ".join(f"`{c}`" for sc,
+                                                        c in OTHER_SCALES.items() if sc != args.scale) + ".",
              "",
              "Teachers (test split): " + "; ".join(
-                 f"{role}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.get("accuracy", {}).items()) for role, t in teachers.items()),
+                 f"{role}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.get("accuracy", {}).items()) for role,
+                 t in teachers.items()),
              "", "## Accuracy (%), mean ± std over seeds", "",
-             "| method | " + " | ".join(attacks) + " | clean (exact-pixel subset) | wall-clock per run (s), train + eval |",
+             "| method | " + " | ".join(attacks)
+             + " | clean (exact-pixel subset) | wall-clock per run (s), train + eval |",
              "|---|" + "---:|" * (len(attacks) + 2)]
     for method, runs in rows.items():
         cells = [fmt(*mean_std([r["accuracy"].get(a, math.nan) for r in runs])) for a in attacks]
@@ -376,7 +381,8 @@ def compare(args: argparse.Namespace) -> int:
     for method, runs in rows.items():
         cells = [fmt(*mean_std([r["w_robust"].get(a, math.nan) for r in runs])) for a in attacks if a != "clean"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "## Published (REFERENCE §6: 300 epochs, WRN-34-10 / ResNet-56 teachers, original CIFAR-10)", "",
+    lines += ["",
+              "## Published (docs/algorithm.md §9: 300 epochs, WRN-34-10 / ResNet-56 teachers, original CIFAR-10)", "",
               "| method | " + " | ".join(attacks) + " |", "|---|" + "---:|" * len(attacks)]
     for method in rows:
         pub = PUBLISHED.get(method, {})
@@ -387,7 +393,8 @@ def compare(args: argparse.Namespace) -> int:
     best = order[0]
     lines += ["", "## Ordering", "",
               f"By mean W-Robust under {headline}: " + " > ".join(order) + ". "
-              + ("B-MTARD ranks first at this scale." if best == "bmtard" else f"B-MTARD does not rank first at this scale ({best} does).")]
+              + ("B-MTARD ranks first at this scale." if best == "bmtard"
+                 else f"B-MTARD does not rank first at this scale ({best} does).")]
     if "bmtard" in rows and len(rows) > 1:
         lines += ["", *compare_to_bmtard(rows, [a for a in (headline, "autoattack") if a in attacks])]
     target = args.results or args.out / "RESULTS.md"
@@ -400,7 +407,7 @@ def compare(args: argparse.Namespace) -> int:
     # Sections other scripts own (the balance study) follow the KEEP line; a rewrite leaves them as they are.
     if target.is_file() and KEEP in (old := target.read_text()):
         text += "\n" + KEEP + old.split(KEEP, 1)[1]
-    io.atomic_text(text, target)
+    fileio.atomic_text(text, target)
     print("\n".join(lines))
     print(f"\nwrote {target}")
     return 0

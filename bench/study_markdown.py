@@ -11,8 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import study_records as records
-from study_report import (BASELINES, PRIMARY, TEACHER_ARMS, curves_of, figure, fmt, gap, mean_std, metric,
-                          rank_correlations, row_of, strength_answer, verdict)
+from study_report import (
+    BASELINES,
+    PRIMARY,
+    TEACHER_ARMS,
+    curves_of,
+    figure,
+    fmt,
+    gap,
+    mean_std,
+    metric,
+    rank_correlations,
+    row_of,
+    strength_answer,
+    verdict,
+)
 
 from bmtard_ray.config import RunConfig
 
@@ -35,7 +48,8 @@ def _ms(rs: list[dict[str, Any]], name: str, key: str = "") -> str:
 
 def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["| arm | seeds | W-Robust PGD-20 (primary) | W-Robust AutoAttack | clean | PGD-20 | AutoAttack "
-             "| final tau (adv, nat) | train s / run | eval s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| final tau (adv, nat) | train s / run | eval s / run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, rs in rows.items():
         aa_acc = fmt(*mean_std([r["aa"]["accuracy"]["autoattack"] for r in rs if r["aa"]]))
         tau = [r["final_tau"] for r in rs if r["final_tau"] and None not in r["final_tau"]
@@ -113,7 +127,8 @@ def cost(args: argparse.Namespace, rows: dict[str, dict[str, list[dict[str, Any]
     for strength in ("weak", "strong"):
         found = records.read_search(args.records, strength)
         if found is not None:
-            lines.append(f"| search: {strength} | {found['summary']['trials']} trials | {found['seconds'] / 3600:.1f} |")
+            trials, hours = found["summary"]["trials"], found["seconds"] / 3600
+            lines.append(f"| search: {strength} | {trials} trials | {hours:.1f} |")
     for name, t in records.read_teachers(args.records).items():
         if t.get("train_seconds"):
             lines.append(f"| teacher: {name} | 1 | {t['train_seconds'] / 3600:.1f} |")
@@ -161,7 +176,8 @@ def markdown(args: argparse.Namespace, plan: list[tuple[str, int, str]], cfg: Ru
         fig = figure(arms, args.figures / f"{args.scale}_balance_study_{strength}.png", LABELS[strength])
         if fig is not None:
             figures.append(fig)
-            rel = Path(os.path.relpath(fig.resolve(), args.results.parent.resolve())) if args.results else Path(fig.name)
+            rel = (Path(os.path.relpath(fig.resolve(), args.results.parent.resolve())) if args.results
+                   else Path(fig.name))
             lines += [f"![temperatures and entropies per arm, {strength} teacher]({rel.as_posix()})", ""]
     lines += ["### Across strengths", "", *strength_answer(by_strength), "", *cost(args, rows)]
     return "\n".join(lines) + "\n", figures

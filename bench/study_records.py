@@ -24,7 +24,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bmtard_ray import io  # noqa: E402
+from bmtard_ray.runtime import fileio as io  # noqa: E402
 
 # The trace columns the report's figure draws (every iteration), stored to 6 significant digits.
 TRACE_COLUMNS = ("iteration", "tau_adv", "tau_nat", "H_adv", "H_nat")
@@ -142,7 +142,7 @@ def write_teacher(records: Path, name: str, entry: dict[str, Any]) -> None:
 
 def weights_hash(spec: str) -> str:
     """SHA-256 of a model's weights (tensors in key order, as loaded), whatever wrapper its file uses."""
-    from bmtard_ray.models.checkpoint import load_model
+    from bmtard_ray.models.files import load_model
 
     state = load_model(spec, None, 10, dataset="cifar10").model.state_dict()
     h = hashlib.sha256()

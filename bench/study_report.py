@@ -147,7 +147,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (Pearson's on the ranks); NaN when either side has no spread."""
     rx, ry = ranks(x), ranks(y)
     mx, my = statistics.mean(rx), statistics.mean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
 

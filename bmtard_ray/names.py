@@ -1,17 +1,17 @@
 """The registries of names a configuration may use: the floor every other module can read.
 
 Validation (:mod:`bmtard_ray.config`) checks names against these tuples without importing the packages
-that implement them (models, data, evaluation, engine), so the bottom layer depends on nothing above it.
+that implement them (models, data, evaluation, training), so the bottom layer depends on nothing above it.
 Each implementing module asserts that its own table matches the names here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from bmtard_ray.errors import ConfigError
 
-# Training methods, and the frozen teachers each one distils from (REFERENCE §1 and §4).
+# Training methods, and the frozen teachers each one distils from (docs/algorithm.md §2 and §7).
 METHOD_TEACHERS: dict[str, tuple[str, ...]] = {
     "bmtard": ("clean", "robust"),
     "mtard": ("clean", "robust"),
@@ -28,7 +28,7 @@ TEACHER_TRAIN_METHODS: tuple[str, ...] = ("natural", "sat", "trades")
 MODEL_NAMES: tuple[str, ...] = ("resnet18", "mobilenetv2", "resnet56", "wrn34_10", "wrn70_16", "small_cnn", "tiny_cnn")
 DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet")
 
-# Evaluation attacks of REFERENCE §5; the black-box ones are crafted on a source model (the robust teacher).
+# Evaluation attacks of docs/algorithm.md §8; the black-box ones are crafted on a source model (the robust teacher).
 ATTACK_NAMES: tuple[str, ...] = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack", "square",
                                  "bb_pgd", "bb_cw")
 BLACK_BOX: tuple[str, ...] = ("bb_pgd", "bb_cw")
@@ -77,7 +77,7 @@ ROBUSTBENCH_KNOWN: dict[str, dict[str, KnownModel]] = {
 }
 
 
-def is_robustbench(spec: str | None) -> bool:
+def is_robustbench(spec: str | None) -> TypeGuard[str]:
     return bool(spec) and str(spec).startswith(ROBUSTBENCH_PREFIX)
 
 

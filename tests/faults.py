@@ -22,7 +22,7 @@ def fail_once(trainer: Any, *, epoch: int, marker: str, rank: int = 0, mode: str
     worker's copy of it has been polled."""
     if trainer.dist.rank != int(rank) or Path(marker).exists():
         return
-    step = trainer.task.step
+    step = trainer.method.step
     seen = {"n": 0}
 
     def failing_step(x: torch.Tensor, y: torch.Tensor) -> Any:
@@ -36,7 +36,7 @@ def fail_once(trainer: Any, *, epoch: int, marker: str, rank: int = 0, mode: str
                 raise RuntimeError(f"injected failure in epoch {epoch}")
         return step(x, y)
 
-    trainer.task.step = failing_step
+    trainer.method.step = failing_step
 
 
 def lose_node_mid_epoch(trainer: Any, *, epoch: int, after_steps: int, marker: str, hold: str,
@@ -47,7 +47,7 @@ def lose_node_mid_epoch(trainer: Any, *, epoch: int, after_steps: int, marker: s
     sleeps ``slow_s`` as long as the file ``hold`` exists, so that the run is still going when the test
     brings a node back and it grows again."""
     first = not Path(marker).exists()
-    step = trainer.task.step
+    step = trainer.method.step
     seen = {"n": 0}
 
     def paced_step(x: torch.Tensor, y: torch.Tensor) -> Any:
@@ -60,7 +60,7 @@ def lose_node_mid_epoch(trainer: Any, *, epoch: int, after_steps: int, marker: s
             time.sleep(float(slow_s))
         return step(x, y)
 
-    trainer.task.step = paced_step
+    trainer.method.step = paced_step
 
 
 def record_start(trainer: Any, *, path: str, slow_s: float = 0.0) -> None:
@@ -75,13 +75,13 @@ def record_start(trainer: Any, *, path: str, slow_s: float = 0.0) -> None:
                  "batches": part.batches if part is not None else 0}
         with open(path, "a") as f:
             f.write(json.dumps(start) + "\n")
-    step = trainer.task.step
+    step = trainer.method.step
 
     def paced_step(x: torch.Tensor, y: torch.Tensor) -> Any:
         time.sleep(float(slow_s))
         return step(x, y)
 
-    trainer.task.step = paced_step
+    trainer.method.step = paced_step
 
 
 def hook(function: str, **kwargs: Any) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """A real multi-node Ray cluster on this machine, for the tests (as Ray's own multi-node tests build one).
 
 Each node is its own raylet with its own resources, started by ``ray.cluster_utils.Cluster``; every node
-shares this machine's IP address, so the tests tell nodes apart by node id. A node that lacks a folder is a ``ray start``
-raylet in its own mount namespace (``unshare -m``) with an empty tmpfs over that folder: the folder is
+shares this machine's IP address, so the tests tell nodes apart by node id. A node that lacks a folder is a
+``ray start`` raylet in its own mount namespace (``unshare -m``) with an empty tmpfs over that folder: the folder is
 really missing for every process of that node, and nowhere else. Everything here is stopped by the
 fixture that started it (a process by its id, never ``ray stop``, which would stop every Ray here).
 """

@@ -39,7 +39,8 @@ def test_smoke_study_runs_every_arm_records_resumes_and_writes_its_block(tmp_pat
     assert "Does the answer change with the teacher's strength?" in text and "| Spearman |" in weak
     for group, arm in [("weak", a) for a in ARMS[:5]] + [("strong", a) for a in ARMS[:5]] + [("shared", "sat")]:
         assert (records / "runs" / group / f"{arm}-seed1.json").is_file()
-    assert {"clean", "robust-weak", "robust-strong"} <= set(json.loads((records / "teachers.json").read_text())["teachers"])
+    teachers = json.loads((records / "teachers.json").read_text())["teachers"]
+    assert {"clean", "robust-weak", "robust-strong"} <= set(teachers)
     # The tuned arm trains with its search's choice, the space's fixed settings included.
     best = json.loads((records / "search" / "strong.json").read_text())["summary"]["best"]["effective"]
     saved = yaml.safe_load((out / "runs" / "strong" / "bmtard-tuned-seed1" / "config.yaml").read_text())

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from test_review import start_review, stop_review, url_of
 from test_tune import cli_env, smoke_args
 
@@ -155,7 +154,8 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
         wait_for(browser, ["Actors", "Class"], shots, "ray-actors")
         label = next(el for el in browser.find_elements(By.TAG_NAME, "label")  # type: ignore[attr-defined]
                      if el.text.strip() == "Class")
-        browser.find_element(By.ID, label.get_attribute("for")).send_keys("RayTrainWorker")  # type: ignore[attr-defined]
+        field = browser.find_element(By.ID, label.get_attribute("for"))  # type: ignore[attr-defined]
+        field.send_keys("RayTrainWorker")
         text = wait_for(browser, ["RayTrainWorker", "ALIVE", "IP", "Node ID"], shots, "ray-actors")
         assert "Authentication Token Required" not in text
         screenshot(browser, shots, "review-ray-actors")

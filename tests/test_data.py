@@ -1,7 +1,7 @@
 """Dataset readers, stratified splits, the device loader, its augmentation and the reference loader.
 
-Fake CIFAR folders are written here in the official on-disk form (Python-2 protocol-2 pickles, made with the
-writer of ../shared/data/build_cifar10.py) with hand-placed pixels, so that a reader that mixes up the
+Fake CIFAR folders are written here in the official on-disk form (Python-2 protocol-2 pickles, as the
+official archive and the offline copy's builder write them) with hand-placed pixels, so that a reader that mixes up the
 R, G, B plane layout, the batch order or the label key fails.
 """
 from __future__ import annotations
@@ -18,9 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from bmtard_ray.data import (DATASET_NAMES, BatchLoader, Split, augment_batch, crop_flip, dataset_info, load_dataset,
-                             make_reference_loader, stratified_subset, train_val_split)
+from bmtard_ray.data import (
+    BatchLoader,
+    Split,
+    dataset_info,
+    load_dataset,
+    make_reference_loader,
+    stratified_subset,
+    train_val_split,
+)
+from bmtard_ray.data.augment import augment_batch, crop_flip
 from bmtard_ray.errors import ConfigError, DataError
+from bmtard_ray.names import DATASET_NAMES
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -393,7 +402,7 @@ def _epoch_ids(loader: BatchLoader) -> list[torch.Tensor]:
 def _global_batches(n: int, batch: int, world: int, **kw: Any) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Every global batch of one epoch as the ranks of a ``world``-worker run hold it: [batch][rank] -> (x, y)."""
     loaders = [BatchLoader(coded_split(n), batch, rank=r, world_size=world, **kw) for r in range(world)]
-    return [list(parts) for parts in zip(*[list(loader) for loader in loaders])]
+    return [list(parts) for parts in zip(*[list(loader) for loader in loaders], strict=False)]
 
 
 def test_global_batch_k_is_the_same_for_every_world_size() -> None:
@@ -443,7 +452,7 @@ def test_loader_seed_and_epoch_determinism() -> None:
     a = BatchLoader(split, 16, shuffle=True, augment=True, seed=1)
     b = BatchLoader(split, 16, shuffle=True, augment=True, seed=1)
     first = [x for x, _ in a]
-    assert all(torch.equal(x, y) for x, (y, _) in zip(first, b))  # crops and flips included
+    assert all(torch.equal(x, y) for x, (y, _) in zip(first, b, strict=False))  # crops and flips included
     a.set_epoch(1)
     assert not torch.equal(torch.cat([x for x, _ in a]), torch.cat(first))
     plain = [BatchLoader(split, 64, shuffle=True, augment=False, seed=s) for s in (1, 1, 2)]
@@ -519,10 +528,12 @@ def test_reference_loader_plain_and_augmented() -> None:
     assert x.dtype == torch.float32 and x.shape == (20, 3, 32, 32) and x.device.type == "cpu"
     assert torch.allclose(x, split.images.float() / 255) and torch.equal(y, split.labels)
     # Evaluation keeps the ragged last batch; training (shuffle) drops it.
-    assert [len(b[1]) for b in make_reference_loader(split, 8, shuffle=False, augment=False, num_workers=0)] == [8, 8, 4]
+    assert [len(b[1]) for b in make_reference_loader(split, 8, shuffle=False, augment=False, num_workers=0)] == [8, 8,
+                                                                                                                 4]
     assert len(make_reference_loader(split, 8, shuffle=True, augment=True, num_workers=0)) == 2
     orders = [torch.cat([b[1] for b in make_reference_loader(coded_split(40, num_classes=40), 8, shuffle=True,
-                                                              augment=False, num_workers=0, seed=s)]) for s in (3, 3, 4)]
+                                                              augment=False, num_workers=0, seed=s)]) for s in (3, 3,
+                                                                                                                4)]
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
 
 

@@ -25,7 +25,8 @@ from bmtard_ray.data import load_dataset  # noqa: E402
 BLOCKED = ("ray", "optuna", "pyautoattack", "autoattack")  # absent on the device machine
 # Everything the check runs: its own modules, the benchmarks and the GPU tests (which import the core).
 CHECK_MODULES = ("bench.device_check", "bench.device_data", "bench.device_report", "bench.device_epoch",
-                 "bench.bench_step", "bench.ceilings", "test_gpu", "bmtard_ray.loop", "bmtard_ray.evaluation.cli")
+                 "bench.bench_step", "bench.ceilings", "test_gpu", "bmtard_ray.training.trainer",
+                 "bmtard_ray.cli.evaluate")
 
 
 def _blocked_import(modules: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
@@ -71,7 +72,7 @@ def test_the_dry_run_runs_every_part_on_the_cpu_without_ray(tmp_path: Path, cifa
     assert all(p["status"] == "ok" for p in status["parts"]), status["parts"]
     tests = device_report.junit_results(out / "gpu_tests.xml")
     assert len([t for t in tests if t["outcome"] == "passed"]) >= 6 and all(t["outcome"] != "FAILED" for t in tests)
-    rows = json.loads((out / "step.json").read_text())["rows"] + json.loads((out / "step_compile.json").read_text())["rows"]
+    rows = [row for name in ("step.json", "step_compile.json") for row in json.loads((out / name).read_text())["rows"]]
     assert [r["mode"] for r in rows] == ["reference", "fast", "fast+compile"]
     assert all(r["error"] is None and r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
     assert json.loads((out / "step.json").read_text())["ceilings"]

@@ -1,4 +1,4 @@
-"""EBB's exact balance, ``ebb.mode: solve`` (this project's extension, REFERENCE §3b): the solver meets its
+"""EBB's exact balance, ``ebb.mode: solve`` (this project's extension, docs/algorithm.md §6): the solver meets its
 target, stops at the bound it hits, equalises where the paper's sign step ends, does not wander on noisy
 batches, smooths as configured, feeds the iteration's losses and the trace, and gathers the global batch
 across workers of unequal shards. Each test checks a value the rule determines, so a wrong rule fails it."""
@@ -14,16 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from bmtard_ray.balance import EntropyBalance
 from bmtard_ray.config import EBBConfig, RunConfig, build_config
 from bmtard_ray.data import DataBundle, DatasetInfo, Split
-from bmtard_ray.dist import DistContext, local_rows
-from bmtard_ray.engine import STAT_NAMES, Teachers, build_task
-from bmtard_ray.entropy_solve import mean_entropy_at, solve_equalised, solve_temperatures
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.loop import TRACE_COLUMNS, Trainer
-from bmtard_ray.losses import distill_kl, mean_entropy
-from bmtard_ray.teachers import freeze
+from bmtard_ray.runtime.dist import DistContext, local_rows
+from bmtard_ray.training.balance import EntropyBalance
+from bmtard_ray.training.entropy_solve import mean_entropy_at, solve_equalised, solve_temperatures
+from bmtard_ray.training.losses import distill_kl, mean_entropy
+from bmtard_ray.training.methods import Teachers, build_method
+from bmtard_ray.training.metrics import STAT_NAMES, TRACE_COLUMNS
+from bmtard_ray.training.teachers import freeze
+from bmtard_ray.training.trainer import Trainer
 
 K = 10
 COL = {c: i for i, c in enumerate(STAT_NAMES)}
@@ -77,7 +78,7 @@ def test_solve_meets_a_fraction_of_log_k_and_ignores_the_initial_temperatures() 
     a = solved(EBBConfig(**cfg), z_adv, z_nat)
     b = solved(EBBConfig(**cfg, tau_adv_init=7.0, tau_nat_init=3.0, eta_tau=0.5), z_adv, z_nat)
     assert torch.equal(a.tau, b.tau)
-    for z, tau in zip((z_adv, z_nat), a.tau.tolist()):
+    for z, tau in zip((z_adv, z_nat), a.tau.tolist(), strict=False):
         assert abs(entropy(z, tau) - 0.6 * math.log(K)) < 1e-3
 
 
@@ -209,7 +210,7 @@ def test_the_losses_use_the_solved_temperatures_and_the_row_logs_them_and_their_
     cfg.ebb.mode, cfg.ebb.target_entropy = "solve", 1.0
     student = tiny(0)
     robust, clean = Recorder(freeze(tiny(1, 60.0))), Recorder(freeze(tiny(2, 300.0)))
-    task = build_task("bmtard", student, student, cfg, Teachers(clean=clean, robust=robust), K)
+    task = build_method("bmtard", student, student, cfg, Teachers(clean=clean, robust=robust), K)
     g = torch.Generator().manual_seed(9)
     x, y = torch.rand(32, 3, 8, 8, generator=g), torch.randint(0, K, (32,), generator=g)
     out = task.step(x, y)
@@ -241,7 +242,8 @@ def test_step_mode_never_gathers_and_mtard_never_solves() -> None:
         cfg = RunConfig()
         cfg.ebb.mode = mode
         student = tiny(0)
-        task = build_task(method, student, student, cfg, Teachers(clean=freeze(tiny(2, 300.0)), robust=freeze(tiny(1, 60.0))),
+        task = build_method(method, student, student, cfg, Teachers(clean=freeze(tiny(2, 300.0)),
+                                                                    robust=freeze(tiny(1, 60.0))),
                           K, gather_rows=refuse)
         out = task.step(x, y)
         assert out.row()[COL["tau_adv"]].item() == 1.0 and out.row()[COL["tau_nat"]].item() == 1.0
@@ -277,10 +279,11 @@ def synthetic_trainer(tmp_path: Path, target: float | None) -> Trainer:
 
 
 @pytest.mark.parametrize("target", [1.2, None], ids=["target", "equalise"])
-def test_the_trace_logs_the_solved_temperatures_and_the_entropies_they_give(tmp_path: Path, target: float | None) -> None:
+def test_the_trace_logs_the_solved_temperatures_and_the_entropies_they_give(tmp_path: Path,
+                                                                            target: float | None) -> None:
     trainer = synthetic_trainer(tmp_path, target)
     robust, clean = Recorder(trainer.teachers.robust), Recorder(trainer.teachers.clean)
-    trainer.task.teachers = Teachers(clean=clean, robust=robust)
+    trainer.method.teachers = Teachers(clean=clean, robust=robust)
     trainer.fit()
     trace = trainer.trace_table()
     assert tuple(trace.column_names) == TRACE_COLUMNS and trace.num_rows == 8

@@ -15,17 +15,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faults
 import pyarrow.parquet as pq
 import pytest
+import test_ray_train
 import torch
+from multinode import add_node, alive_train_worker_nodes, local_cluster, train_worker_nodes
 from rich.console import Console
 
-import faults
-from multinode import add_node, alive_train_worker_nodes, local_cluster, train_worker_nodes
-from test_ray_train import column, smoke, teachers  # noqa: F401 (a fixture, shared)
-
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.loop import TRACE_COLUMNS
+from bmtard_ray.training.metrics import TRACE_COLUMNS
+
+# Shared with test_ray_train.py: helpers, and the teachers fixture.
+column = test_ray_train.column
+smoke = test_ray_train.smoke
+teachers = test_ray_train.teachers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def scaling_of(*argv: str, ray_config: str | None = None, tmp: Path | None = None) -> Any:
-    from bmtard_ray.cli import train_parser
-    from bmtard_ray.ray_train import scaling_from_args
+    from bmtard_ray.cli.train import ray_options, train_parser
 
     if ray_config is not None:
         assert tmp is not None
         (tmp / "ray.yaml").write_text(ray_config)
         argv = (*argv, "--ray-config", str(tmp / "ray.yaml"))
-    return scaling_from_args(train_parser().parse_args(list(argv)))
+    return ray_options(train_parser().parse_args(list(argv))).scaling
 
 
 def test_a_worker_range_is_an_elastic_scaling_config_and_a_number_stays_fixed(tmp_path: Path) -> None:
@@ -101,7 +104,7 @@ def test_only_a_fixed_run_gets_a_placement_deadline_and_every_run_the_users_fail
 
 
 def test_the_search_has_a_failure_budget() -> None:
-    from bmtard_ray.tuning.cli import tune_parser
+    from bmtard_ray.cli.tune import tune_parser
 
     assert tune_parser().parse_args([]).max_failures == 2
     assert tune_parser().parse_args(["--max-failures", "0"]).max_failures == 0
@@ -236,7 +239,8 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
         assert "error" not in result, result
         # Mid-epoch 3, with epoch 2's checkpoint registered by the controller (what the restart continues from).
         snapshot = run / "checkpoint_manager_snapshot.json"
-        wait_for("epoch 2's checkpoint", lambda: snapshot.exists() and "checkpoint_epoch0002" in snapshot.read_text(), 30)
+        wait_for("epoch 2's checkpoint", lambda: snapshot.exists() and "checkpoint_epoch0002" in snapshot.read_text(),
+                 30)
         before = alive_train_worker_nodes()
         assert len(before) == 2 and len(set(before)) == 2, before  # one worker on each node
         controllers = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
@@ -245,13 +249,15 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
         cluster.remove_node(lost)
 
         def detail() -> str:
-            return f"workers on {alive_train_worker_nodes()} (head {head_id()}), {result}, driver output:\n{out.getvalue()}"
+            return (f"workers on {alive_train_worker_nodes()} (head {head_id()}), {result}, "
+                    f"driver output:\n{out.getvalue()}")
 
         wait_for("the run to continue on the head's worker alone",
                  lambda: alive_train_worker_nodes() == [head_id()] and "now 1 worker(s)" in out.getvalue(), 120,
                  detail=detail)
         back = add_node(cluster)
-        grown = wait_for("two workers again", lambda: sorted(alive_train_worker_nodes()) == sorted([head_id(), back.node_id]),
+        grown = wait_for("two workers again", lambda: sorted(alive_train_worker_nodes()) == sorted([head_id(),
+                                                                                                    back.node_id]),
                          150, detail=detail)
         assert grown
     finally:
@@ -274,7 +280,7 @@ def test_an_elastic_run_that_loses_a_node_continues_on_the_survivor_and_grows_ba
         assert values[:2 * iters] == pytest.approx(saved[:, TRACE_COLUMNS.index(name)].tolist(), rel=1e-6), name
         if values[2 * iters - 1] != values[0]:
             moved.append(name)
-        largest = max(abs(b - a) for a, b in zip(values[:2 * iters - 1], values[1:2 * iters]))
+        largest = max(abs(b - a) for a, b in zip(values[:2 * iters - 1], values[1:2 * iters], strict=False))
         assert abs(values[2 * iters] - values[2 * iters - 1]) <= largest + 1e-9, name
     # The weights had moved before the loss, so "no reset" means something (a temperature moves only when
     # the teachers' entropies differ enough within 64 steps of a tiny model: not checked).
@@ -323,7 +329,8 @@ def test_a_search_survives_the_loss_of_a_node_and_completes_every_trial(
     assert lost.node_id in workers.values() and len(workers) > 2, workers
     assert set(workers.values()) <= {head_id(), lost.node_id}
     for trial in exp.glob("trial_*"):
-        epochs = [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+        lines = (trial / "result.json").read_text().splitlines()
+        epochs = [json.loads(line)["epoch"] for line in lines if line.strip()]
         assert sorted(set(epochs)) == [1, 2, 3] and epochs.count(1) == 1, (trial.name, epochs)
     assert ray.is_initialized()
 
@@ -379,7 +386,8 @@ def test_a_preemption_notice_checkpoints_at_once_and_its_restart_is_not_a_failur
             node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "test: spot reclaim",
             int(deadline * 1000))
         assert accepted, why
-        noticed = wait_for("the checkpoint taken on the notice", lambda: sorted(run.glob("checkpoint_epoch*_batch*")), 60)
+        noticed = wait_for("the checkpoint taken on the notice", lambda: sorted(run.glob("checkpoint_epoch*_batch*")),
+                           60)
         # At the drain's deadline Ray Train stops the group; the cloud then reclaims the node (here: removed once
         # nothing of the run is left on it), and the run restarts without it.
         wait_for("the group stopped at the deadline", lambda: time.time() > deadline

@@ -15,13 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bmtard_ray.cli.evaluate import main as eval_main
 from bmtard_ray.config import EvalConfig
 from bmtard_ray.data import Split, load_dataset
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.evaluation import (ATTACK_NAMES, EvalResult, cw_margin_loss, evaluate, fgsm, pgd, print_table,
-                                   w_robust, write_reports)
+from bmtard_ray.evaluation import (
+    ATTACK_NAMES,
+    EvalResult,
+    cw_margin_loss,
+    evaluate,
+    fgsm,
+    pgd,
+    print_table,
+    w_robust,
+    write_reports,
+)
 from bmtard_ray.evaluation.autoattack import AutoAttackRunner, SquareRunner
-from bmtard_ray.evaluation.cli import main as eval_main
 from bmtard_ray.models import build_model
 
 EPS = 8 / 255
@@ -131,7 +140,7 @@ def test_attacks_hurt_and_accuracy_does_not_increase_with_eps(tiny: torch.nn.Mod
     for attack in ("fgsm", "pgd_sat", "cw_inf"):
         curve = [r[attack] for r in rows]
         assert curve[0] == rows[0]["clean"]  # eps 0: nothing to perturb
-        assert all(b <= a for a, b in zip(curve, curve[1:])), (attack, curve)
+        assert all(b <= a for a, b in zip(curve, curve[1:], strict=False)), (attack, curve)
         assert curve[3] <= rows[0]["clean"] - 30, (attack, curve)  # the attack really attacks at 8/255
         assert curve[-1] <= 10.0, (attack, curve)
     assert rows[3]["pgd_sat"] <= rows[3]["fgsm"]  # 20 steps are at least as strong as one here
@@ -148,7 +157,7 @@ def test_cw_margin_loss_by_hand() -> None:
 
 
 def test_w_robust_arithmetic(tiny: torch.nn.Module, test_split: Split) -> None:
-    assert w_robust(87.36, 53.60) == pytest.approx(70.48)  # MTARD's conference table (REFERENCE §5)
+    assert w_robust(87.36, 53.60) == pytest.approx(70.48)  # MTARD's conference table (docs/algorithm.md §8.5)
     assert w_robust(100.0, 0.0) == 50.0
     res = evaluate(tiny, test_split, EvalConfig(attacks=("fgsm", "pgd_sat"), batch_size=64))
     assert set(res.w_robust) == {"fgsm", "pgd_sat"}
@@ -253,7 +262,8 @@ def test_reports_have_robustbench_fields_and_readable_parquet(tmp_path: Path, ca
                 "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"):
         assert key in data
     assert (data["name"], data["architecture"], data["dataset"]) == ("student", "resnet18", "cifar10")
-    assert (data["eps"], data["clean_acc"], data["autoattack_acc"], data["threat_model"]) == ("8/255", "90.00", "35.50", "Linf")
+    assert (data["eps"], data["clean_acc"], data["autoattack_acc"], data["threat_model"]) == ("8/255", "90.00",
+                                                                                              "35.50", "Linf")
     assert data["accuracy"]["pgd_sat"] == 40.0 and data["w_robust"]["autoattack"] == 62.75
     assert data["headline"] == {"attack": "pgd_sat", "w_robust": 65.0}
     assert data["n_examples"] == 200 and data["seed"] == 0 and data["teachers"]["robust"]["arch"] == "wrn34_10"

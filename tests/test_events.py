@@ -1,4 +1,4 @@
-"""TensorBoard event files of a training run (bmtard_ray.events): one point per metric per epoch, grouped tags,
+"""TensorBoard event files of a training run (bmtard_ray.launch.events): one point per metric per epoch, grouped tags,
 no NaN points, a fresh run replacing an old run's files and a resumed one continuing them."""
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import math
 import time
 from pathlib import Path
 
-from bmtard_ray.events import EpochEvents, tag_of
 from conftest import read_scalars
+
+from bmtard_ray.launch.events import EpochEvents, tag_of
 
 
 def epoch(e: int, **extra: float) -> dict[str, float]:

@@ -23,18 +23,19 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from test_evaluation import synthetic
+from test_precision import trajectory
 from torch import nn
 
-from bmtard_ray.attacks import eval_mode
 from bmtard_ray.config import EvalConfig, RunConfig
 from bmtard_ray.data import BatchLoader, Split
-from bmtard_ray.engine import STAT_NAMES, Teachers, build_task
 from bmtard_ray.evaluation import evaluate
 from bmtard_ray.evaluation.precision import tf32_flags, true_fp32
 from bmtard_ray.models import build_model
-from bmtard_ray.teachers import freeze
-from test_evaluation import synthetic
-from test_precision import trajectory
+from bmtard_ray.training.attacks import eval_mode
+from bmtard_ray.training.methods import Teachers, build_method
+from bmtard_ray.training.metrics import STAT_NAMES
+from bmtard_ray.training.teachers import freeze
 
 pytestmark = pytest.mark.gpu
 
@@ -103,7 +104,7 @@ def _bmtard_steps(student_arch: str, *, attack_steps: int, channels_last: bool =
     if compiled:  # as the Trainer does: the attack's and the training passes' wrappers, both compiled
         raw = torch.compile(student, backend=COMPILE_BACKEND)
         model = torch.compile(student, backend=COMPILE_BACKEND)
-    task = build_task("bmtard", model, raw, cfg, teachers, 10)
+    task = build_method("bmtard", model, raw, cfg, teachers, 10)
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     initial = [p.detach().cpu().clone() for p in student.parameters()]
     g = torch.Generator().manual_seed(1)
@@ -135,7 +136,7 @@ def _compare(a: Steps, ref: Steps) -> dict[str, float]:
         "tau": (a.rows[:, tau] - ref.rows[:, tau]).abs().max().item(),
         # The parameters' change against the size of the update itself: the update's relative error.
         "update_rel": max((p - r).norm().item() / max((r - p0).norm().item(), 1e-12)
-                          for p, r, p0 in zip(a.params, ref.params, ref.initial)),
+                          for p, r, p0 in zip(a.params, ref.params, ref.initial, strict=False)),
         "grad_rel": ((a.input_grad - ref.input_grad).norm() / ref.input_grad.norm()).item(),
     }
 
@@ -192,7 +193,7 @@ def test_device_loader_gives_the_cpu_loaders_batches(rank: int, world_size: int,
         dev.set_epoch(epoch)
         a, b = list(cpu), list(dev)
         assert len(a) == len(b) == len(cpu)
-        for (xa, ya), (xb, yb) in zip(a, b):
+        for (xa, ya), (xb, yb) in zip(a, b, strict=False):
             assert xb.device.type == DEVICE.type and xb.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(ya, yb.cpu())
             assert torch.equal(xa, xb.cpu())  # crops, flips and the uint8 -> float conversion, bit for bit
@@ -232,7 +233,8 @@ def test_evaluation_attacks_on_cuda_equal_the_cpus(record_property: Callable[[st
     assert 0 < on_cpu.accuracy["pgd_sat"] < 100 or ON_CPU  # intermediate, so the comparison means something
     for name, acc in on_cpu.accuracy.items():
         # 1 point: 5 of 512 images may flip where fp32 rounding differs between the CPU and the GPU.
-        assert abs(acc - on_dev.accuracy[name]) <= 1.0, f"{name}: CPU {acc:.2f} vs {DEVICE.type} {on_dev.accuracy[name]:.2f}"
+        assert abs(acc - on_dev.accuracy[name]) <= 1.0, \
+            f"{name}: CPU {acc:.2f} vs {DEVICE.type} {on_dev.accuracy[name]:.2f}"
 
 
 class _Probe(nn.Module):

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_reliability
 
-from bmtard_ray.cli import train_main
-from bmtard_ray.storage import CHECKPOINT_FILE, load_resume_state
-from bmtard_ray.tuning.cli import tune_main
+from bmtard_ray.cli.train import main as train_main
+from bmtard_ray.cli.tune import main as tune_main
+from bmtard_ray.storage.checkpoints import FILE as CHECKPOINT_FILE
+from bmtard_ray.storage.checkpoints import load_resume_state
 
-from test_reliability import common, finished  # noqa: F401  (a module fixture: a finished smoke run)
+# Shared with test_reliability.py (finished: a module fixture, a finished smoke run).
+common = test_reliability.common
+finished = test_reliability.finished
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 KILL_MID_WRITE = '''
 import os, signal, sys, torch
-import bmtard_ray.io as io
+import bmtard_ray.runtime.fileio as io
 from bmtard_ray.config import build_config
-from bmtard_ray.runner import run_local
+from bmtard_ray.launch.local import run_local
 from rich.console import Console
 
 real_save, calls = torch.save, []
@@ -138,10 +142,10 @@ def test_a_sigkilled_driver_leaves_no_ray_process_and_resumes_every_epoch_once(
 def test_ctrl_c_in_each_phase_exits_130_and_names_resume_only_with_a_checkpoint(
         finished: Path, tmp_path: Path, cifar_root: Path, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch, phase: str, resumable: bool) -> None:
-    import bmtard_ray.runner as runner
-    import bmtard_ray.teachers as teachers
-    from bmtard_ray.loop import Trainer
+    import bmtard_ray.launch.local as runner
+    import bmtard_ray.training.teachers as teachers
     from bmtard_ray.ray_train import cluster
+    from bmtard_ray.training.trainer import Trainer
 
     def ctrl_c(*a: object, **k: object) -> None:
         raise KeyboardInterrupt

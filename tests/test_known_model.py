@@ -1,9 +1,9 @@
 """A known model: the standard (non-robust) CIFAR-10 ResNet-18 shipped in the pyautoattack wheel.
 
 It is loaded through our checkpoint import (the path ``run_eval.py pyautoattack`` takes) and must score about
-94% clean on the exact CIFAR-10 test pixels (the first 1,017 test images, which ``../shared/data`` holds
-byte-exact) and about 0% under PGD-20 (eps 8/255): a wrong attack, a missing normalisation, a transposed
-image layout or a mis-loaded checkpoint all break one of the two numbers.
+94% clean on the exact CIFAR-10 test pixels (the first 1,017 test images, which the offline copy this
+project is developed with holds byte-exact) and about 0% under PGD-20 (eps 8/255): a wrong attack, a missing
+normalisation, a transposed image layout or a mis-loaded checkpoint all break one of the two numbers.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from bmtard_ray.config import EvalConfig
 from bmtard_ray.data import Split
 from bmtard_ray.evaluation import evaluate
-from bmtard_ray.models.checkpoint import load_model
+from bmtard_ray.models.files import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 N_EXACT = 1017

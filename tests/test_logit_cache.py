@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_mid_epoch import _trainer  # the mid-epoch tests' runs: 80 synthetic images, batch 16, 2 epochs
 
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.logit_cache import CachedTeacher, batch_digest
-from bmtard_ray.loop import Trainer
 from bmtard_ray.models import build_model
-from test_mid_epoch import _trainer  # the mid-epoch tests' runs: 80 synthetic images, batch 16, 2 epochs
+from bmtard_ray.training.logit_cache import CachedTeacher, batch_digest
+from bmtard_ray.training.trainer import Trainer
 
 K = 10
 

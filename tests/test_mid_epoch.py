@@ -13,9 +13,9 @@ import torch
 from bmtard_ray.config import build_config
 from bmtard_ray.data import DataBundle, DatasetInfo, Split
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.loop import Trainer
 from bmtard_ray.models import build_model
-from bmtard_ray.storage import checkpoint_dir_name
+from bmtard_ray.storage.checkpoints import folder_name
+from bmtard_ray.training.trainer import Trainer
 
 K = 10
 INFO = DatasetInfo("cifar10", K, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -79,8 +79,8 @@ def test_a_run_restored_mid_epoch_continues_bit_for_bit(tmp_path: Path) -> None:
             restored.fit()
             _same(_result(whole), _result(restored))
             assert [h["epoch"] for h in restored.state.history] == [1, 2]  # every epoch once
-    assert checkpoint_dir_name(1, 2) == "checkpoint_epoch0001_batch00002"
-    assert sorted([checkpoint_dir_name(2), checkpoint_dir_name(1, 4), checkpoint_dir_name(1)]) == [
+    assert folder_name(1, 2) == "checkpoint_epoch0001_batch00002"
+    assert sorted([folder_name(2), folder_name(1, 4), folder_name(1)]) == [
         "checkpoint_epoch0001", "checkpoint_epoch0001_batch00004", "checkpoint_epoch0002"]
 
 

@@ -11,9 +11,17 @@ import torch
 import torch.nn as nn
 
 from bmtard_ray.errors import CheckpointError, ConfigError
-from bmtard_ray.models import (MODEL_NAMES, DMWideResNet, WideResNet, build_model, count_parameters, load_weights,
-                               pyautoattack_resnet18_path, read_state_dict)
-from bmtard_ray.models import checkpoint as ckpt_mod
+from bmtard_ray.models import (
+    MODEL_NAMES,
+    DMWideResNet,
+    WideResNet,
+    build_model,
+    count_parameters,
+    load_weights,
+    pyautoattack_resnet18_path,
+    read_state_dict,
+)
+from bmtard_ray.models import files as ckpt_mod
 from bmtard_ray.models.resnet import OptionABlock
 from bmtard_ray.models.wideresnet import DMBlock, WRNBlock
 
@@ -277,13 +285,15 @@ def test_deepmind_wideresnet_layout_and_robustbench_mean_std(tmp_path: Path) -> 
     bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     for g, shortcut in ((0, False), (1, True), (2, True)):
         p = f"layer.{g}.block.0"
-        assert {f"{p}.conv_0.weight", f"{p}.conv_1.weight"} | {f"{p}.batchnorm_{i}.{b}" for i in (0, 1) for b in bn} <= keys
+        assert {f"{p}.conv_0.weight",
+                f"{p}.conv_1.weight"} | {f"{p}.batchnorm_{i}.{b}" for i in (0, 1) for b in bn} <= keys
         assert (f"{p}.shortcut.weight" in keys) == shortcut
     assert {"init_conv.weight", "logits.weight", "logits.bias"} | {f"batchnorm.{b}" for b in bn} <= keys
     assert "mean" not in keys and "std" not in keys
     with torch.device("meta"):
         big = build_model("wrn70_16", 100)
-    assert "layer.2.block.10.conv_1.weight" in big.state_dict() and "layer.2.block.11.conv_1.weight" not in big.state_dict()
+    keys = big.state_dict()
+    assert "layer.2.block.10.conv_1.weight" in keys and "layer.2.block.11.conv_1.weight" not in keys
     assert big.logits.weight.shape == (100, 1024)
     # RobustBench checkpoints hold mean/std as persistent (3, 1, 1) buffers: they load into the normaliser.
     src = DMWideResNet(10, 1, 100)
@@ -369,7 +379,8 @@ def test_key_picks_one_entry(tmp_path: Path) -> None:
 
 def test_old_checkpoints_without_num_batches_tracked_load(tmp_path: Path) -> None:
     src = build_model("resnet56", 10)
-    torch.save({k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pt")
+    torch.save({k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")},
+               tmp_path / "old.pt")
     model = build_model("resnet56", 10)
     load_weights(model, tmp_path / "old.pt")
     torch.testing.assert_close(model.bn1.running_var, src.bn1.running_var)

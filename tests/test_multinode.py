@@ -16,12 +16,19 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import test_ray_train
 from multinode import local_cluster, node_without, train_worker_nodes
 from rich.console import Console
-from test_ray_train import TRAJ_TAU_TOL, TRAJ_W_TOL, column, smoke, teachers  # noqa: F401 (a fixture, shared)
 
 from bmtard_ray.errors import DataError
-from bmtard_ray.runner import run_local
+from bmtard_ray.launch.local import run_local
+
+# Shared with test_ray_train.py: helpers, and the teachers fixture.
+TRAJ_TAU_TOL = test_ray_train.TRAJ_TAU_TOL
+TRAJ_W_TOL = test_ray_train.TRAJ_W_TOL
+column = test_ray_train.column
+smoke = test_ray_train.smoke
+teachers = test_ray_train.teachers
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)

@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bmtard_ray.cli import evaluate as eval_cli
 from bmtard_ray.config import build_config
 from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import CheckpointError
-from bmtard_ray.evaluation import cli as eval_cli
 from bmtard_ray.evaluation import probe as probe_mod
 from bmtard_ray.evaluation.probe import chance_warning, near_chance
 from bmtard_ray.models import build_model, count_parameters, layout_for_keys
-from bmtard_ray.models.checkpoint import load_model
-from bmtard_ray.teachers import check_given_teachers
+from bmtard_ray.models.files import load_model
+from bmtard_ray.training.teachers import check_given_teachers
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -118,7 +118,8 @@ def test_the_authors_checkpoint_loads_under_arch_resnet56_with_the_authors_logit
     torch.manual_seed(0)
     authors = _randomise_bn(AuthorsCifarResNet(), seed=1)
     path = _save(authors.state_dict(), form, tmp_path / "resnet56.pt")
-    loaded = load_model(str(path), "resnet56", 10, dataset="cifar10", role="clean teacher")  # run_eval's and the teachers' loader
+    loaded = load_model(str(path), "resnet56", 10, dataset="cifar10",
+                        role="clean teacher")  # run_eval's and the teachers' loader
     assert loaded.arch == "resnet56" and loaded.model.layout == "projection"
     x = torch.rand(4, 3, 32, 32)  # [0, 1] images, no normalisation: as the authors trained
     with torch.no_grad():
@@ -143,7 +144,8 @@ def test_old_authors_files_without_batch_counters_load(tmp_path: Path) -> None:
     authors = _randomise_bn(AuthorsCifarResNet(), seed=3)
     sd = {k: v for k, v in authors.state_dict().items() if not k.endswith("num_batches_tracked")}
     loaded = load_model(str(_save(sd, "module", tmp_path / "old.pt")), "resnet56", 10, dataset="cifar10")
-    torch.testing.assert_close(loaded.model.layer3[0].downsample[1].running_var, authors.layer3[0].downsample[1].running_var)
+    torch.testing.assert_close(loaded.model.layer3[0].downsample[1].running_var,
+                               authors.layer3[0].downsample[1].running_var)
 
 
 def test_a_checkpoint_of_neither_layout_gets_the_one_line_error(tmp_path: Path) -> None:

@@ -15,10 +15,11 @@ from torch import nn
 
 from bmtard_ray.config import RunConfig, build_config
 from bmtard_ray.data import DataBundle, DatasetInfo, Split
-from bmtard_ray.engine import STAT_NAMES, Teachers, build_task
-from bmtard_ray.loop import Trainer
 from bmtard_ray.models import build_model
-from bmtard_ray.teachers import freeze
+from bmtard_ray.training.methods import Teachers, build_method
+from bmtard_ray.training.metrics import STAT_NAMES
+from bmtard_ray.training.teachers import freeze
+from bmtard_ray.training.trainer import Trainer
 
 STEPS = 200
 K = 10
@@ -45,7 +46,7 @@ def trajectory(autocast: object, *, device: torch.device | str = "cpu", channels
     student = net(0).to(device, memory_format=fmt)
     teachers = Teachers(clean=freeze(net(1, 60.0).to(device, memory_format=fmt)),
                         robust=freeze(net(2, 20.0).to(device, memory_format=fmt)))
-    task = build_task("bmtard", student, student, cfg, teachers, K, autocast=autocast)
+    task = build_method("bmtard", student, student, cfg, teachers, K, autocast=autocast)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(3)
     data = torch.rand(256, 3, 16, 16, generator=g).to(device)

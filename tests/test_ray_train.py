@@ -19,18 +19,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import faults
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import free_port, head_port_flags, read_scalars
 from rich.console import Console
 
 from bmtard_ray.config import RunConfig, build_config, from_dict, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError, DataError
-from bmtard_ray.loop import TRACE_COLUMNS
-from bmtard_ray.runner import run_local
-from bmtard_ray.teachers import ensure_teachers
-import faults
-from conftest import free_port, head_port_flags, read_scalars
+from bmtard_ray.launch.local import run_local
+from bmtard_ray.training.metrics import TRACE_COLUMNS
+from bmtard_ray.training.teachers import ensure_teachers
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
@@ -85,11 +85,10 @@ def test_scaling_resolves_cpus_and_gpus_against_the_cluster() -> None:
 
 
 def test_placement_flag_and_ray_config_map_to_rays_placement_strategy(tmp_path: Path) -> None:
-    from bmtard_ray.cli import train_parser
-    from bmtard_ray.ray_train import scaling_from_args
+    from bmtard_ray.cli.train import ray_options, train_parser
 
     def strategy(*argv: str) -> str:
-        scaling = scaling_from_args(train_parser().parse_args(list(argv)))
+        scaling = ray_options(train_parser().parse_args(list(argv))).scaling
         return scaling.to_ray().placement_strategy
 
     assert strategy() == "PACK"
@@ -115,7 +114,8 @@ def test_a_node_missing_the_data_or_a_teacher_file_is_named_with_the_path(tmp_pa
                                               "every node needs the same path"):
         check_node_inputs(cfg, label="node n1")
     cfg.data.root = str(tmp_path / "nodata")
-    with pytest.raises(DataError, match=f"^node n1 cannot read the data folder {tmp_path / 'nodata' / 'cifar-10-batches-py'}"):
+    with pytest.raises(DataError,
+                       match=f"^node n1 cannot read the data folder {tmp_path / 'nodata' / 'cifar-10-batches-py'}"):
         check_node_inputs(cfg, label="node n1")
 
 
@@ -133,12 +133,14 @@ def test_resource_check_counts_whole_workers_per_node() -> None:
         check_resources(ScalingOptions(num_workers=2, cpus_per_worker=1, gpus_per_worker=1), nodes)
 
 
-def test_absolute_paths_leave_uris_and_the_pyautoattack_name_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_absolute_paths_leave_uris_and_the_pyautoattack_name_alone(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from bmtard_ray.ray_train import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = RunConfig()
-    cfg.output_dir, cfg.teachers.clean.checkpoint, cfg.teachers.robust.checkpoint = "s3://b/runs", "pyautoattack", "t.pt"
+    cfg.output_dir = "s3://b/runs"
+    cfg.teachers.clean.checkpoint, cfg.teachers.robust.checkpoint = "pyautoattack", "t.pt"
     out = absolute_paths(cfg)
     assert (out.data.root, out.teachers.cache_dir) == (str(tmp_path / "data"), "")  # "" follows output_dir
     assert (out.output_dir, out.teachers.clean.checkpoint) == ("s3://b/runs", "pyautoattack")
@@ -161,7 +163,8 @@ def test_epoch_view_prints_a_line_per_epoch_with_eta_and_marks_a_restart() -> No
     lines = out.getvalue().splitlines()
     assert lines[0] == ("epoch 1/4 | loss 0.5000 | L_adv 0.2500 | L_nat 0.7500 | tau_adv 1.5000 | tau_nat 1.0000 | "
                         "w_adv 0.6000 | w_nat 0.4000 | val W-Robust 42.12 | img/s 1234 | time 0:00 | ETA 1:30")
-    assert lines[1] == "worker failure (rank 1: RuntimeError: [/x] gloo pair closed): restarting from the last checkpoint"
+    assert lines[1] == ("worker failure (rank 1: RuntimeError: [/x] gloo pair closed): "
+                        "restarting from the last checkpoint")
     assert "tau_adv - |" in lines[2] and view.events[-1] == "epoch 1 redone after a restart"
     # On a terminal: a live table that fits 80 columns even at epoch 212 of 300 with an ETA in hours.
     term = Console(file=io.StringIO(), width=80, height=40, force_terminal=True, color_system=None)
@@ -184,8 +187,9 @@ def test_a_user_error_raised_in_a_worker_is_found_through_rays_wrapper() -> None
 
 def test_core_and_cli_import_without_ray() -> None:
     code = ("import sys; sys.modules['ray'] = None\n"
-            "import bmtard_ray.cli, bmtard_ray.runner, bmtard_ray.loop, bmtard_ray.teachers\n"
-            "bmtard_ray.cli.train_parser().parse_args(['--workers', '2'])\n"
+            "import bmtard_ray.cli.train, bmtard_ray.launch.local, bmtard_ray.training.trainer\n"
+            "import bmtard_ray.training.teachers\n"
+            "bmtard_ray.cli.train.train_parser().parse_args(['--workers', '2'])\n"
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
@@ -260,8 +264,8 @@ TRAJ_LOSS_RTOL = 6e-2
 def _traj_worker(rank: int, world: int, store_id: int, cfg: dict[str, Any], out: str, all_reduce: bool) -> None:
     import torch.distributed as dist
 
-    from bmtard_ray.dist import DistContext, local_rows
-    from bmtard_ray.loop import Trainer
+    from bmtard_ray.runtime.dist import DistContext, local_rows
+    from bmtard_ray.training.trainer import Trainer
 
     torch.set_num_threads(1)
     # A file store, not a TCP store on a port picked in advance (which another process can take between
@@ -271,8 +275,8 @@ def _traj_worker(rank: int, world: int, store_id: int, cfg: dict[str, Any], out:
     try:
         trainer = Trainer(from_dict(cfg), device=torch.device("cpu"), dist=DistContext())
         if not all_reduce:  # the negative control: each rank balances on its own half batch
-            trainer.task.reduce_mean = lambda t, weight=None: t
-            trainer.task.gather_rows = local_rows
+            trainer.method.reduce_mean = lambda t, weight=None: t
+            trainer.method.gather_rows = local_rows
         trainer.fit()
         torch.save(torch.cat(trainer.state.trace), Path(out) / f"trace-{world}-{int(all_reduce)}-{rank}.pt")
         dist.barrier()
@@ -388,7 +392,8 @@ def ray_local() -> Any:
 
 
 @pytest.fixture(scope="module")
-def ray_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactory, cifar_root: Path, teachers: Path) -> dict[str, Any]:
+def ray_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactory, cifar_root: Path,
+            teachers: Path) -> dict[str, Any]:
     """A 2-worker smoke run and the same run in-process."""
     from bmtard_ray.ray_train import ScalingOptions, run_ray
 
@@ -397,7 +402,8 @@ def ray_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactory, cifar_root
     out = io.StringIO()
     summary = run_ray(cfg, ScalingOptions(num_workers=2), console=Console(file=out, width=300))
     local = run_local(smoke(tmp, cifar_root, teachers, "name=local"), console=QUIET)
-    return {"cfg": cfg, "summary": summary, "local": local, "run": tmp / "runs" / "two", "local_run": tmp / "runs" / "local",
+    return {"cfg": cfg, "summary": summary, "local": local, "run": tmp / "runs" / "two",
+            "local_run": tmp / "runs" / "local",
             "output": out.getvalue()}
 
 
@@ -463,7 +469,8 @@ def test_a_second_run_of_the_same_name_is_refused_then_resumes_to_more_epochs(
 
 
 @pytest.mark.slow
-def test_a_local_checkpoint_continues_through_ray(ray_local: Any, tmp_path: Path, cifar_root: Path, teachers: Path) -> None:
+def test_a_local_checkpoint_continues_through_ray(ray_local: Any, tmp_path: Path, cifar_root: Path,
+                                                  teachers: Path) -> None:
     from bmtard_ray.ray_train import ScalingOptions, run_ray
 
     run_local(smoke(tmp_path, cifar_root, teachers, "name=mixed", "optim.epochs=1"), console=QUIET)

@@ -17,19 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from rich.console import Console
 
-from bmtard_ray.cli import train_main
+from bmtard_ray.cli.train import main as train_main
+from bmtard_ray.cli.tune import main as tune_main
 from bmtard_ray.config import build_config, read_yaml
 from bmtard_ray.errors import CheckpointError, ConfigError
-from bmtard_ray.preflight import probe_writable
-from bmtard_ray.runner import run_local
-from bmtard_ray.storage import CHECKPOINT_FILE, load_resume_state
-from bmtard_ray.teachers import BUILDING, ENTRY_FILE, cached_path, ensure_teachers, teacher_config
-from bmtard_ray.tuning.cli import tune_main
+from bmtard_ray.launch.local import run_local
+from bmtard_ray.launch.preflight import probe_writable
+from bmtard_ray.storage.checkpoints import FILE as CHECKPOINT_FILE
+from bmtard_ray.storage.checkpoints import load_resume_state
+from bmtard_ray.training.teachers import BUILDING, ENTRY_FILE, cached_path, ensure_teachers, teacher_config
 from bmtard_ray.tuning.settings import TuneSettings
-
-from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
@@ -120,12 +120,14 @@ def test_every_cli_refuses_an_output_under_a_file_or_on_a_read_only_mount(tmp_pa
         pytest.skip("a read-only mount needs unshare and root")
     ro = tmp_path / "ro"
     ro.mkdir()
-    script = "; ".join(f"{sys.executable} {' '.join(argv)} >/dev/null 2>>{tmp_path / 'errs'}; echo $? >>{tmp_path / 'rcs'}"
+    script = "; ".join(f"{sys.executable} {' '.join(argv)} >/dev/null 2>>{tmp_path / 'errs'}; "
+                       f"echo $? >>{tmp_path / 'rcs'}"
                        for argv in cli_cases(tmp_path, cifar_root, ro).values())
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro} && {script}"], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     # As root with unshare (CI) a private mount must work: a failure here is a failure, not a skip.
-    assert not (probe.returncode != 0 and "mount" in probe.stderr), f"private read-only mount failed: {probe.stderr[:200]}"
+    assert not (probe.returncode != 0 and "mount" in probe.stderr), \
+        f"private read-only mount failed: {probe.stderr[:200]}"
     assert (tmp_path / "rcs").read_text().split() == ["2"] * 4, (tmp_path / "errs").read_text()
     for line in (tmp_path / "errs").read_text().strip().splitlines():
         assert line.startswith("error: ") and str(ro) in line and "not writable" in line, line
@@ -193,7 +195,7 @@ def test_resuming_a_finished_run_changes_nothing_unless_it_adds_epochs(
 
 def test_a_checkpoint_of_another_architecture_or_format_is_one_line(finished: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
-    from bmtard_ray.loop import Trainer
+    from bmtard_ray.training.trainer import Trainer
 
     state, cfg = load_resume_state(finished)
     cfg.student = "small_cnn"
@@ -226,7 +228,7 @@ def test_a_split_smaller_than_one_batch_is_named(tmp_path: Path, cifar_root: Pat
 
 
 def test_ray_workers_each_need_a_batch(tmp_path: Path, cifar_root: Path) -> None:
-    from bmtard_ray.ray_train.run import check_before_start
+    from bmtard_ray.ray_train.driver import check_before_start
     from bmtard_ray.ray_train.scaling import ScalingOptions
 
     cfg = build_config("smoke", overrides=[f"data.root={cifar_root}", "data.train_subset=30",
@@ -298,7 +300,7 @@ def test_a_teacher_killed_half_way_is_trained_again_by_the_next_run(tmp_path: Pa
 
 
 def test_config_and_tune_settings_carry_a_format_that_is_checked(tmp_path: Path) -> None:
-    from bmtard_ray.storage import write_config
+    from bmtard_ray.storage.run_folder import write_config
 
     write_config(build_config("smoke"), tmp_path)
     saved = tmp_path / "config.yaml"
@@ -324,7 +326,7 @@ def test_config_and_tune_settings_carry_a_format_that_is_checked(tmp_path: Path)
 
 def test_oserror_and_ctrl_c_are_one_line(tmp_path: Path, cifar_root: Path, capsys: pytest.CaptureFixture,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import bmtard_ray.runner as runner
+    import bmtard_ray.launch.local as runner
 
     def disk_full(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device", str(tmp_path / "runs" / "x" / "model.pt"))
@@ -354,7 +356,7 @@ def test_tune_resume_refuses_options_that_define_the_search(tmp_path: Path, caps
 
 
 def test_a_model_file_of_another_format_version_is_one_line(finished: Path, tmp_path: Path) -> None:
-    from bmtard_ray.models.checkpoint import inspect_checkpoint
+    from bmtard_ray.models.files import inspect_checkpoint
 
     record = torch.load(finished / "model.pt", weights_only=True)
     assert record["format"] == "bmtard_ray.model/1"

@@ -61,7 +61,8 @@ def test_reproduce_rejects_unknown_attack(tmp_path: Path) -> None:
     (["--set", "optim.epochs=-1"], "optim.epochs must be >= 1, got -1"),
     (["--data-root", "/nonexistent-cifar"], "data root /nonexistent-cifar does not exist"),
 ])
-def test_reproduce_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
+def test_reproduce_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, flags: list[str],
+                                                                    message: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--scale", "smoke",
                            "--out", str(tmp_path / "r"), *flags], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

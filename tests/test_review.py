@@ -9,15 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 
-from bmtard_ray.events import EpochEvents
-from bmtard_ray.tuning.cli import tune_main
+from bmtard_ray.cli.tune import main as tune_main
+from bmtard_ray.launch.events import EpochEvents
 from bmtard_ray.tuning.settings import TuneSettings
 
 REPO = Path(__file__).resolve().parents[1]

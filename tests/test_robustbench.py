@@ -13,15 +13,15 @@ import torch
 import torch.nn as nn
 
 import bmtard_ray.models.zoo as zoo
+from bmtard_ray.cli import evaluate as eval_cli
 from bmtard_ray.config import build_config
 from bmtard_ray.data import dataset_info
 from bmtard_ray.errors import CheckpointError, ConfigError
-from bmtard_ray.evaluation import cli as eval_cli
 from bmtard_ray.models import DMWideResNet, WideResNet, build_model
 from bmtard_ray.models import robustbench as rb
-from bmtard_ray.models.checkpoint import load_model
+from bmtard_ray.models.files import load_model
 from bmtard_ray.names import CIFAR10_MEAN, CIFAR10_STD, KnownModel, known_robustbench_model
-from bmtard_ray.teachers import load_teacher
+from bmtard_ray.training.teachers import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 C100_MEAN, C100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -47,7 +47,8 @@ def test_names_of_the_paper_teachers_map_to_their_architectures() -> None:
     for name in ("Gowal2020Uncovering", "Gowal2020Uncovering_extra"):
         assert known(f"robustbench:{name}", "cifar100") == KnownModel("wrn70_16", C100_MEAN, C100_STD)
     assert known("robustbench:Zhang2019Theoretically", "cifar100") is None  # a CIFAR-10 model only
-    assert rb.robustbench_path("robustbench:Gowal2020Uncovering", "cifar100", "m") == Path("m/cifar100/Linf/Gowal2020Uncovering.pt")
+    assert rb.robustbench_path("robustbench:Gowal2020Uncovering", "cifar100",
+                               "m") == Path("m/cifar100/Linf/Gowal2020Uncovering.pt")
 
 
 def test_the_config_takes_the_architecture_from_the_name() -> None:
@@ -111,7 +112,8 @@ def test_a_missing_file_offline_says_where_to_put_it_and_how_to_fetch_it(tmp_pat
     assert "\n" not in msg
     assert f"is not at {tmp_path / 'cifar10' / 'Linf' / 'Zhang2019Theoretically.pt'}: put the file there" in msg
     assert ("pip install robustbench && python -c \"from robustbench.utils import load_model; "
-            f"load_model('Zhang2019Theoretically', model_dir='{tmp_path}', dataset='cifar10', threat_model='Linf')\"") in msg
+            f"load_model('Zhang2019Theoretically', model_dir='{tmp_path}', dataset='cifar10', "
+            "threat_model='Linf')\"") in msg
 
 
 def test_run_train_with_a_missing_robustbench_teacher_is_one_line_and_exit_2(tmp_path: Path, cifar_root: Path) -> None:
@@ -123,7 +125,8 @@ def test_run_train_with_a_missing_robustbench_teacher_is_one_line_and_exit_2(tmp
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: RobustBench model Zhang2019Theoretically (cifar10, Linf) is not at ")
-    assert str(tmp_path / "rb" / "cifar10" / "Linf" / "Zhang2019Theoretically.pt") in lines[0] and "load_model(" in lines[0]
+    assert str(tmp_path / "rb" / "cifar10" / "Linf" / "Zhang2019Theoretically.pt") in lines[0]
+    assert "load_model(" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 

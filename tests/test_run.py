@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import read_scalars
 
 from bmtard_ray.config import build_config
-from bmtard_ray.loop import TRACE_COLUMNS
-from bmtard_ray.runner import run_local
-from conftest import read_scalars
+from bmtard_ray.launch.local import run_local
+from bmtard_ray.training.metrics import TRACE_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,14 +38,15 @@ def test_smoke_run_writes_every_output_with_a_trace_row_per_iteration(tmp_path: 
     iters_per_epoch = cfg.data.train_subset // cfg.optim.batch_size
     assert trace.num_rows == cfg.optim.epochs * iters_per_epoch
     assert trace.column("iteration").to_pylist() == list(range(trace.num_rows))
-    assert trace.column("epoch").to_pylist() == [e for e in range(1, cfg.optim.epochs + 1) for _ in range(iters_per_epoch)]
+    epochs = [e for e in range(1, cfg.optim.epochs + 1) for _ in range(iters_per_epoch)]
+    assert trace.column("epoch").to_pylist() == epochs
     # The trace obeys the update rules: each temperature moves by at most eta per iteration, weights sum to 1.
     tau = trace.column("tau_nat").to_pylist()
-    assert all(abs(b - a) <= cfg.ebb.eta_tau + 1e-6 for a, b in zip(tau, tau[1:]))
+    assert all(abs(b - a) <= cfg.ebb.eta_tau + 1e-6 for a, b in zip(tau, tau[1:], strict=False))
     # Milestone 1: epoch 1 at the full rates, epoch 2 (after the milestone epoch) at 0.1x -- eta_tau included.
-    epoch2 = [t for t, e in zip(tau, trace.column("epoch").to_pylist()) if e == 2]
-    assert all(abs(b - a) <= 0.1 * cfg.ebb.eta_tau + 1e-6 for a, b in zip(epoch2, epoch2[1:]))
-    w = zip(trace.column("w_adv").to_pylist(), trace.column("w_nat").to_pylist())
+    epoch2 = [t for t, e in zip(tau, trace.column("epoch").to_pylist(), strict=False) if e == 2]
+    assert all(abs(b - a) <= 0.1 * cfg.ebb.eta_tau + 1e-6 for a, b in zip(epoch2, epoch2[1:], strict=False))
+    w = zip(trace.column("w_adv").to_pylist(), trace.column("w_nat").to_pylist(), strict=False)
     assert all(abs(a + b - 1) < 1e-6 for a, b in w)
     metrics = pq.read_table(run / "metrics.parquet").to_pylist()
     assert [m["epoch"] for m in metrics] == list(range(1, cfg.optim.epochs + 1))
@@ -77,7 +78,8 @@ def test_resume_continues_to_the_same_result(tmp_path: Path, cifar_root: Path) -
     part_trace = pq.read_table(tmp_path / "runs" / "part" / "trace.parquet")
     assert full_trace.num_rows == part_trace.num_rows
     for col in ("L_adv", "L_nat", "tau_adv", "tau_nat", "w_adv"):
-        assert full_trace.column(col).to_pylist() == pytest.approx(part_trace.column(col).to_pylist(), rel=1e-4, abs=1e-6)
+        assert full_trace.column(col).to_pylist() == pytest.approx(part_trace.column(col).to_pylist(), rel=1e-4,
+                                                                   abs=1e-6)
     assert resumed["results"]["test"]["accuracy"] == pytest.approx(full["results"]["test"]["accuracy"], abs=1e-6)
 
 
@@ -102,7 +104,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--resume", "/nonexistent/run"], "no checkpoint to resume from"),
 ])
-def test_bad_input_gives_one_line_error_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_gives_one_line_error_exit_2_and_writes_nothing(tmp_path: Path, args: list[str],
+                                                                  message: str) -> None:
     proc = cli("--local", "--preset", "smoke", *args, cwd=tmp_path) if "--preset" not in args else \
         cli("--local", *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -116,7 +119,8 @@ def test_teacher_with_wrong_class_count_is_rejected(tmp_path: Path, cifar_root: 
 
     bad = tmp_path / "t100.pt"
     torch.save(build_model("tiny_cnn", 100).state_dict(), bad)
-    proc = cli("--local", "--preset", "smoke", "--data-root", str(cifar_root), "--set", f"teachers.clean.checkpoint={bad}",
+    proc = cli("--local", "--preset", "smoke", "--data-root", str(cifar_root), "--set",
+               f"teachers.clean.checkpoint={bad}",
                "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"teachers.cache_dir={tmp_path / 'teachers'}",
                cwd=tmp_path)
     assert proc.returncode == 2

@@ -13,8 +13,8 @@ import yaml
 
 from bmtard_ray.config import RunConfig, build_config, flat_keys, nest
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.tuning.search_space import (SPACES_DIR, active_values, check_space, corners, load_space, parse_space,
-                                     repair, resolve_space_path, space_names, trial_config)
+from bmtard_ray.tuning.space import SPACES_DIR, load_space, parse_space, resolve_space_path, space_names
+from bmtard_ray.tuning.trials import active_values, check_space, corners, repair, trial_config
 
 
 def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
@@ -55,7 +55,8 @@ def test_every_corner_of_every_shipped_space_is_a_valid_config(name: str) -> Non
 
 def test_ebb_space_searches_what_the_issue_names() -> None:
     keys = set(load_space("ebb").keys)
-    assert {"ebb.mode", "ebb.smoothing", "ebb.target_entropy", "ebb.tau_adv_init", "ebb.tau_nat_init", "ebb.tau_min", "ebb.tau_max",
+    assert {"ebb.mode", "ebb.smoothing", "ebb.target_entropy", "ebb.tau_adv_init", "ebb.tau_nat_init", "ebb.tau_min",
+            "ebb.tau_max",
             "ebb.eta_tau"} <= keys
     assert {"nlb.beta", "nlb.rho", "nlb.w_adv_init", "nlb.ref_window"} <= set(load_space("nlb").keys)
     joint = set(load_space("joint").keys)
@@ -247,7 +248,9 @@ def test_conditional_parameters_apply_only_to_their_method() -> None:
 def test_a_trial_value_that_breaks_validation_is_reported_with_the_values() -> None:
     space = parse_space({"params": {"nlb.rho": {"type": "float", "low": 0.5, "high": 2.0}}}, source="rho.yaml")
     base = build_config("cpu")
-    with pytest.raises(ConfigError, match=r"rho.yaml: trial values \{nlb.rho=2\} give an invalid config: nlb.rho must be in \(0, 1\]"):
+    with pytest.raises(ConfigError,
+                       match=r"rho.yaml: trial values \{nlb.rho=2\} give an invalid config: "
+                             r"nlb.rho must be in \(0, 1\]"):
         trial_config(base, space, {"nlb.rho": 2.0})
 
 
@@ -271,7 +274,8 @@ def test_corners_enumerate_every_combination_of_extremes() -> None:
                                     "nlb.beta": {"type": "float", "low": 1.0, "high": 1.0}}})
     got = list(corners(space))
     assert len(got) == 2 * 3 * 1
-    assert {(c["nlb.rho"], c["method.name"]) for c in got} == {(a, b) for a in (0.1, 0.2) for b in ("trades", "ard", "sat")}
+    assert {(c["nlb.rho"], c["method.name"]) for c in got} == {(a, b) for a in (0.1, 0.2) for b in ("trades", "ard",
+                                                                                                    "sat")}
     # Too many corners: each parameter's extremes one at a time, plus a seeded random sample.
     many = list(corners(space, limit=3))
     assert len(many) == (2 + 3 + 1) + 3
@@ -284,9 +288,11 @@ def test_space_files_are_plain_yaml_that_round_trips(tmp_path: Path) -> None:
 
 
 def test_parsing_and_checking_a_space_needs_neither_ray_nor_optuna() -> None:
-    """The pure-Python side of tuning imports with ray and optuna blocked (they are only for the Tune layer)."""
-    code = ("import sys; sys.modules['ray'] = None; sys.modules['optuna'] = None\n"
-            "from bmtard_ray.tuning.search_space import load_space, check_space\n"
+    """The pure-Python side of tuning imports with ray and optuna blocked (they are only for the Tune layer),
+    and torch too (the metrics a search may optimise come from the training core's pure-Python table)."""
+    code = ("import sys; sys.modules['ray'] = None; sys.modules['optuna'] = None; sys.modules['torch'] = None\n"
+            "from bmtard_ray.tuning.space import load_space\n"
+            "from bmtard_ray.tuning.trials import check_space\n"
             "from bmtard_ray.tuning.settings import TuneSettings, check_objectives\n"
             "from bmtard_ray.config import build_config\n"
             "s = load_space('nlb'); print(check_space(s, build_config('cpu')))\n")

@@ -10,8 +10,8 @@ import pytest
 from optuna.trial import TrialState
 
 from bmtard_ray.tuning.optuna_space import OPTUNA_NUMBER, DefineByRun, make_storage
-from bmtard_ray.tuning.search_space import load_space
 from bmtard_ray.tuning.searcher import StudySearch, close_unfinished
+from bmtard_ray.tuning.space import load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -53,7 +53,7 @@ def test_an_asha_stopped_trial_is_pruned_with_its_curve_and_a_finished_one_compl
     assert d.state == TrialState.PRUNED and d.intermediate_values == {1: 15.0, 2: 16.0}
     # A one-epoch score is not the configuration's outcome: the best trial is the one that finished.
     assert study.best_trial.number == a.number
-    for t, tid in zip(study.trials, "abcd"):
+    for t, tid in zip(study.trials, "abcd", strict=False):
         assert t.user_attrs == {"ray_trial_id": tid, "trial_folder": str(tmp_path / "exp" / f"trial_{tid}"),
                                 "run_folder": str(tmp_path / "exp" / "train" / tid)}
     assert study.metric_names == ["val_w_robust"]

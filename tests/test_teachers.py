@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bmtard_ray import teachers as teachers_mod
 from bmtard_ray.config import build_config
-from bmtard_ray.engine import TASKS
+from bmtard_ray.launch.local import run_local
 from bmtard_ray.names import teacher_roles
-from bmtard_ray.runner import run_local
-from bmtard_ray.teachers import cached_path, teacher_config
+from bmtard_ray.training import teachers as teachers_mod
+from bmtard_ray.training.methods import METHODS
+from bmtard_ray.training.teachers import cached_path, teacher_config
 
 ROLES = ("clean", "robust")
 
@@ -23,7 +23,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 def test_the_cache_key_ignores_the_students_method_section(tmp_path: Path) -> None:
     base = {role: cached_path(_cfg(tmp_path), role) for role in ROLES}
-    for method in TASKS:
+    for method in METHODS:
         for extra in ([], ["method.trades_beta=3", "method.ard_alpha=0.5", "method.rslad_adv_weight=0.7"]):
             cfg = _cfg(tmp_path, f"method.name={method}", *extra)
             assert {role: cached_path(cfg, role) for role in ROLES} == base, (method, extra)

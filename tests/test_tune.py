@@ -16,16 +16,16 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port, head_port_flags
 
+from bmtard_ray.cli.tune import main as tune_main
 from bmtard_ray.config import RunConfig, build_config, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.tuning.search_space import load_space, parse_space
-from bmtard_ray.tuning.cli import tune_main
+from bmtard_ray.training.metrics import EPOCH_METRICS, objective_names
 from bmtard_ray.tuning.optuna_space import DefineByRun, distribution, distributions, make_sampler
 from bmtard_ray.tuning.results import TrialRecord, best_record, pareto_ids, pareto_mask, rank, table_rows, write_table
-from bmtard_ray.tuning.settings import (TRIAL_METRICS, TuneSettings, check_objectives, max_concurrent_trials,
-                                        objective_names)
-from conftest import free_port, head_port_flags
+from bmtard_ray.tuning.settings import TuneSettings, check_objectives, max_concurrent_trials
+from bmtard_ray.tuning.space import load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,7 +57,7 @@ def test_each_param_type_becomes_the_matching_optuna_distribution() -> None:
 def run_study(space_name: str, n: int, seed: int, base: RunConfig | None = None, sampler: str = "tpe") -> optuna.Study:
     space = load_space(space_name)
     base = base or RunConfig()
-    from bmtard_ray.tuning.search_space import base_values
+    from bmtard_ray.tuning.trials import base_values
 
     study = optuna.create_study(direction="maximize",
                                 sampler=make_sampler(settings(seed=seed, num_samples=n, sampler=sampler)))
@@ -118,7 +118,7 @@ def test_a_condition_on_a_base_value_is_read_from_the_base_config() -> None:
     for method, expected in (("trades", {"method.trades_beta", "optim.lr"}), ("bmtard", {"optim.lr"})):
         study = optuna.create_study()
         fn = DefineByRun(space, {"method.name": method})
-        study.optimize(lambda t: (fn(t), 0.0)[1], n_trials=2)
+        study.optimize(lambda t, fn=fn: (fn(t), 0.0)[1], n_trials=2)
         assert all(set(t.params) == expected for t in study.trials)
 
 
@@ -137,13 +137,14 @@ def test_tpe_sampler_is_seeded_and_nsga2_and_random_are_available() -> None:
 
 def test_the_objective_must_be_a_metric_trials_report() -> None:
     check_objectives(("val_w_robust",), ("max",))
-    with pytest.raises(ConfigError, match="unknown objective 'val_accuracy': trials do not report it; choose from: .*val_w_robust"):
+    with pytest.raises(ConfigError,
+                       match="unknown objective 'val_accuracy': trials do not report it; choose from: .*val_w_robust"):
         check_objectives(("val_accuracy",), ("max",))
     with pytest.raises(ConfigError, match="unknown mode 'maximize'"):
         check_objectives(("val_clean",), ("maximize",))
     with pytest.raises(ConfigError, match="distinct"):
         check_objectives(("val_clean", "val_clean"), ("max", "max"))
-    assert "epoch" in TRIAL_METRICS and "epoch" not in objective_names()  # reported, but not an objective
+    assert "epoch" in EPOCH_METRICS and "epoch" not in objective_names()  # reported, but not an objective
 
 
 def test_settings_validation_catches_each_bad_value() -> None:
@@ -245,8 +246,9 @@ def test_the_parquet_table_has_a_row_per_trial_with_params_effective_values_and_
     assert rows[1]["stopped_early"] and not rows[0]["stopped_early"]
     write_table(recs, s, tmp_path / "t.parquet")
     table = pq.read_table(tmp_path / "t.parquet")
-    assert table.num_rows == 2 and {"val_w_robust", "param.ebb.tau_adv_init", "checkpoint_path"} <= set(table.column_names)
-    assert set(TRIAL_METRICS) <= set(table.column_names)
+    assert table.num_rows == 2 and {"val_w_robust", "param.ebb.tau_adv_init",
+                                    "checkpoint_path"} <= set(table.column_names)
+    assert set(EPOCH_METRICS) <= set(table.column_names)
 
 
 def test_results_become_records_with_saved_statuses_and_effective_values(tmp_path: Path) -> None:
@@ -259,7 +261,8 @@ def test_results_become_records_with_saved_statuses_and_effective_values(tmp_pat
         def __init__(self, tid: str, config: dict, history: list[dict], error: Exception | None = None) -> None:
             self.path = str(tmp_path / f"trial_{tid}")
             self.config = config | {"tune_internal": 1}
-            self.metrics = dict(history[-1], trial_id=tid, checkpoint_path=f"/ck/{tid}", time_total_s=9.5) if history else {}
+            self.metrics = dict(history[-1], trial_id=tid, checkpoint_path=f"/ck/{tid}",
+                                time_total_s=9.5) if history else {}
             self.metrics_dataframe = pd.DataFrame(history) if history else None
             self.error = error
 
@@ -279,7 +282,8 @@ def test_results_become_records_with_saved_statuses_and_effective_values(tmp_pat
               "ebb.tau_nat_init": 2.0, "ebb.eta_tau": 0.01}
     hist = [{"epoch": 1, "val_clean": 50.0, "val_robust": 20.0, "val_w_robust": 35.0, "tau_adv": None},
             {"epoch": 2, "val_clean": 60.0, "val_robust": 30.0, "val_w_robust": 45.0, "tau_adv": None}]
-    grid = [FakeResult("a", params, hist), FakeResult("b", params, hist[:1]), FakeResult("c", params, [], RuntimeError("x\nboom"))]
+    grid = [FakeResult("a", params, hist), FakeResult("b", params, hist[:1]), FakeResult("c", params, [],
+                                                                                         RuntimeError("x\nboom"))]
     recs = collect_records(grid, s, space, max_epochs=6, statuses=statuses)
     a, b, c = recs
     assert [r.number for r in recs] == [0, 1, 2] and [r.status for r in recs] == ["TERMINATED", "RUNNING", "ERROR"]
@@ -340,7 +344,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys:
 
 
 def test_prepare_resolves_the_trials_config_and_the_settings(tmp_path: Path) -> None:
-    from bmtard_ray.tuning.cli import prepare, tune_parser
+    from bmtard_ray.cli.tune import prepare, tune_parser
 
     args = tune_parser().parse_args(["--space", "ebb", "--output-dir", str(tmp_path), "--set", "nlb.rho=0.05",
                                      "--epochs", "3", "--num-samples", "5", "--multi-objective"])
@@ -364,7 +368,8 @@ def test_prepare_resolves_the_trials_config_and_the_settings(tmp_path: Path) -> 
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_malformed_space_file_and_missing_data_are_caught_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_space_file_and_missing_data_are_caught_before_ray(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("params:\n  ebb.eta_tau: {type: float, low: 1, high: [\n")
     assert tune_main(["--space", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
@@ -375,7 +380,8 @@ def test_malformed_space_file_and_missing_data_are_caught_before_ray(tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
-def test_an_existing_experiment_is_not_overwritten_by_accident(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_existing_experiment_is_not_overwritten_by_accident(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     exp = tmp_path / "o" / "smoke"
     exp.mkdir(parents=True)
     (exp / "settings.json").write_text("{}")
@@ -414,10 +420,10 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
         for p in space.params:
             assert p.low <= r[f"param.{p.key}"] <= p.high
         assert Path(r["checkpoint_path"], "checkpoint.pt").is_file()
-    # Every metric the objective check accepts is one a real trial reports (TRIAL_METRICS is not a guess).
+    # Every metric the objective check accepts is one a real trial reports (EPOCH_METRICS is not a guess).
     with open(next(exp.glob("trial_*/progress.csv"))) as f:
         reported = set(next(csv.reader(f)))
-    assert set(TRIAL_METRICS) <= reported, set(TRIAL_METRICS) - reported
+    assert set(EPOCH_METRICS) <= reported, set(EPOCH_METRICS) - reported
     # The trials differ: the smoke search's student learns, and its knobs move the outcome.
     assert len({r["val_w_robust"] for r in rows}) > 1, [r["val_w_robust"] for r in rows]
     # The Optuna study: one trial per Tune trial, linked to it; COMPLETE with the value(s) Tune saw last when
@@ -510,7 +516,8 @@ def test_an_interrupted_experiment_resumes_without_losing_a_finished_trial(tmp_p
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-4000:]
     assert f"--resume {exp}" in out
-    before = {r["trial_id"]: r for r in pq.read_table(exp / "trials.parquet").to_pylist() if r["status"] == "TERMINATED"}
+    rows = pq.read_table(exp / "trials.parquet").to_pylist()
+    before = {r["trial_id"]: r for r in rows if r["status"] == "TERMINATED"}
     assert 1 <= len(before) < 3
     runs_before = {tid: sorted(p.name for p in (exp / "train" / tid).iterdir()) for tid in before}
 
@@ -541,7 +548,8 @@ def test_works_under_ray_job_submit_with_token_authentication(tmp_path: Path, ci
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
                              "--disable-usage-stats", *head_port_flags(gcs, dash)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         job_env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         address = f"http://127.0.0.1:{dash}"
@@ -552,7 +560,8 @@ def test_works_under_ray_job_submit_with_token_authentication(tmp_path: Path, ci
             time.sleep(2)
         # Without the token the job server refuses: token authentication is really on.
         denied = subprocess.run([str(ray_bin), "job", "list", "--address", address],
-                                env=cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), capture_output=True, text=True)
+                                env=cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), capture_output=True,
+                                text=True)
         assert denied.returncode != 0 and "Authentication" in denied.stdout + denied.stderr
         runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(REPO)}})
         # The multi-objective mode (clean and robust accuracy, Optuna's multi-objective TPE) rides along here.

@@ -23,8 +23,8 @@ from torch import nn
 
 from bmtard_ray.config import build_config, to_dict
 from bmtard_ray.data import DataBundle, DatasetInfo, Split
-from bmtard_ray.engine import STAT_NAMES
 from bmtard_ray.models import build_model
+from bmtard_ray.training.metrics import STAT_NAMES
 
 K = 10
 WEIGHT_TOL = 1e-6
@@ -39,7 +39,8 @@ def _data() -> DataBundle:
 
 
 def _config(folder: Path) -> dict:
-    overrides = ["student=tiny_cnn", "attack.steps=2", "optim.batch_size=16", "optim.epochs=1", "optim.lr=0.2", "val_every=0",
+    overrides = ["student=tiny_cnn", "attack.steps=2", "optim.batch_size=16", "optim.epochs=1", "optim.lr=0.2",
+                 "val_every=0",
                  "checkpoint_every=0", f"output_dir={folder}", "device=cpu", "data.augment=true",
                  "nlb.ref_window=1"]
     for role, seed in (("clean", 1), ("robust", 2)):
@@ -56,8 +57,8 @@ def _worker(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
     import torch.distributed as dist
 
     from bmtard_ray.config import from_dict
-    from bmtard_ray.dist import DistContext
-    from bmtard_ray.loop import Trainer
+    from bmtard_ray.runtime.dist import DistContext
+    from bmtard_ray.training.trainer import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -104,6 +105,7 @@ def test_one_two_and_three_workers_compute_the_same_epoch(tmp_path: Path) -> Non
         diff = ((other["table"][:, cols] - one["table"][:, cols]).abs() / one["table"][:, cols].abs().clamp_min(1e-3))
         print(f"{world} workers: weights within {gap:.2e}, statistics within {diff.max():.2e} (relative)")
         assert gap < WEIGHT_TOL, f"{world} workers: the student's weights differ from 1 worker's by {gap:.2e}"
-        assert diff.max() < STAT_RTOL, f"{world} workers: statistics differ from 1 worker by {diff.max():.2e} (relative)"
+        assert diff.max() < STAT_RTOL, \
+            f"{world} workers: statistics differ from 1 worker by {diff.max():.2e} (relative)"
         taus = [2 + STAT_NAMES.index(n) for n in ("tau_adv", "tau_nat")]
         assert torch.equal(other["table"][:, taus], one["table"][:, taus])

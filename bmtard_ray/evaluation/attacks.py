@@ -1,6 +1,6 @@
-"""White-box L-inf attacks of the evaluation (REFERENCE §5), hand-written, batched, pure torch.
+"""White-box L-inf attacks of the evaluation (docs/algorithm.md §8.2), hand-written, batched, pure torch.
 
-Conventions shared with the training attacks (:mod:`bmtard_ray.attacks`): images live in [0, 1] (any
+Conventions shared with the training attacks (:mod:`bmtard_ray.training.attacks`): images live in [0, 1] (any
 normalisation is inside the model, so eps is in pixel units); the model runs in eval mode for the attack
 and gets its previous mode back afterwards; the gradient is taken with ``torch.autograd.grad`` with respect
 to the input only, so model parameters never receive a ``.grad``. Every returned tensor is detached, lies in
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bmtard_ray.attacks import eval_mode
 from bmtard_ray.errors import ConfigError
+from bmtard_ray.models.modes import eval_mode
 
 PGD_LOSSES = ("ce", "cw")
 CW_CONFIDENCE = 50.0  # kappa of the released CW-inf evaluation

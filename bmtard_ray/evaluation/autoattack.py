@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ def autoattack_backend() -> tuple[str, str, Any]:
     for name in ("autoattack", "pyautoattack"):
         try:
             module = importlib.import_module(name)
-            cls = getattr(module, "AutoAttack")
+            cls = module.AutoAttack
         except (ImportError, AttributeError):
             continue
         return name, _version(name, module), cls
@@ -85,7 +86,8 @@ class AutoAttackRunner:
     def __init__(self, model: nn.Module, *, eps: float, version: str = "standard", seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
         if version not in AUTOATTACK_VERSIONS:
-            raise ConfigError(f"unknown AutoAttack version '{version}'; choose one of: {', '.join(AUTOATTACK_VERSIONS)}")
+            raise ConfigError(f"unknown AutoAttack version '{version}'; choose one of: "
+                              f"{', '.join(AUTOATTACK_VERSIONS)}")
         self.backend, self.backend_version, cls = autoattack_backend()
         self.device = torch.device(device)
         self.version = version

@@ -1,4 +1,4 @@
-"""Robustness evaluation: every attack of REFERENCE §5, W-Robust accuracy, seeded and deterministic.
+"""Robustness evaluation: every attack of docs/algorithm.md §8, W-Robust accuracy, seeded and deterministic.
 
 ``evaluate(model, split, cfg)`` runs the attacks named in ``cfg.attacks`` (L-inf, eps ``cfg.eps``, fp32 with
 TF32 off (:mod:`bmtard_ray.evaluation.precision`), model in eval mode, inputs in [0, 1]) over the split
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from bmtard_ray.config import EvalConfig
 
 
-# Gradient attacks of REFERENCE §5. step_size None means "eps" (FGSM is one full-size step).
+# Gradient attacks of docs/algorithm.md §8.2. step_size None means "eps" (FGSM is one full-size step).
 PGD_ATTACKS: dict[str, dict[str, Any]] = {
     "fgsm": {"steps": 1, "step_size": None, "random_start": False, "loss": "ce"},
     "pgd_sat": {"steps": 20, "step_size": 2 / 255, "random_start": True, "loss": "ce"},
@@ -50,7 +50,7 @@ PGD_ATTACKS["bb_cw"] = dict(PGD_ATTACKS["cw_inf"])
 
 
 def w_robust(clean_acc: float, robust_acc: float) -> float:
-    """Weighted robust accuracy (REFERENCE §5): the mean of clean and robust accuracy, in their unit."""
+    """Weighted robust accuracy (docs/algorithm.md §8.5): the mean of clean and robust accuracy, in their unit."""
     return (clean_acc + robust_acc) / 2
 
 
@@ -81,7 +81,7 @@ class EvalResult:
         return asdict(self)
 
 
-def attack_params(name: str, cfg: "EvalConfig") -> dict[str, Any]:
+def attack_params(name: str, cfg: EvalConfig) -> dict[str, Any]:
     """The parameters an attack runs with (recorded in every report)."""
     if name == "clean":
         return {}
@@ -102,7 +102,7 @@ def attack_params(name: str, cfg: "EvalConfig") -> dict[str, Any]:
     raise ConfigError(f"unknown attack '{name}'; choose from: {', '.join(ATTACK_NAMES)}")
 
 
-def check_attacks(cfg: "EvalConfig", *, has_source: bool) -> list[str]:
+def check_attacks(cfg: EvalConfig, *, has_source: bool) -> list[str]:
     """The attacks to run in order (clean first, duplicates dropped), or a ConfigError naming the problem."""
     names = list(cfg.attacks)
     for a in names:
@@ -154,7 +154,7 @@ def _eval_modes(*models: nn.Module | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, was in zip(present, modes):
+        for m, was in zip(present, modes, strict=False):
             m.train(was)
 
 
@@ -180,12 +180,18 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self.bar = None
         if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             self.bar = Progress(TextColumn("{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.bar is not None:
             self.bar.start()
         return self
@@ -197,11 +203,12 @@ class _Progress:
     def task(self, name: str, total: int) -> Callable[[], None]:
         if self.bar is None:
             return lambda: None
-        tid = self.bar.add_task(name, total=total)
-        return lambda: self.bar.advance(tid)
+        bar = self.bar
+        tid = bar.add_task(name, total=total)
+        return lambda: bar.advance(tid)
 
 
-def evaluate(model: nn.Module, split: Split, cfg: "EvalConfig", *, device: torch.device | str = "cpu",
+def evaluate(model: nn.Module, split: Split, cfg: EvalConfig, *, device: torch.device | str = "cpu",
              source_model: nn.Module | None = None, progress: bool = False) -> EvalResult:
     """Accuracy (percent) of ``model`` under each attack of ``cfg.attacks`` on ``split``.
 
@@ -241,9 +248,10 @@ def evaluate(model: nn.Module, split: Split, cfg: "EvalConfig", *, device: torch
         for name in names:
             start = time.perf_counter()
             attack = _make_attack(name, model, source_model, cfg, device)
-            if hasattr(attack, "params"):
-                params[name] = {**params[name], **attack.params()}
-                backends[name] = {"package": attack.backend, "version": attack.backend_version}
+            if hasattr(attack, "params"):  # the reference implementations' runners (autoattack.py)
+                runner: Any = attack
+                params[name] = {**params[name], **runner.params()}
+                backends[name] = {"package": runner.backend, "version": runner.backend_version}
             step = bar.task(name, len(batches))
             correct = torch.zeros((), dtype=torch.long, device=device)
             for i, j in batches:
@@ -266,7 +274,7 @@ def evaluate(model: nn.Module, split: Split, cfg: "EvalConfig", *, device: torch
     return EvalResult(accuracy=accuracy, w_robust=wr, n_examples=n, seconds=seconds, meta=meta)
 
 
-def _make_attack(name: str, model: nn.Module, source: nn.Module | None, cfg: "EvalConfig",
+def _make_attack(name: str, model: nn.Module, source: nn.Module | None, cfg: EvalConfig,
                  device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
     """A callable ``(x, y) -> x_adv`` for one attack (clean returns x)."""
     if name == "clean":

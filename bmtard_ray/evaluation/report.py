@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bmtard_ray import io
 from bmtard_ray.evaluation.core import EvalResult, eps_label
 from bmtard_ray.names import ATTACK_NAMES
+from bmtard_ray.runtime import fileio
 
 # RobustBench model_info fields that the caller may fill (the rest are computed from the result).
 ROBUSTBENCH_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
@@ -54,7 +54,7 @@ def report_dict(result: EvalResult, model_info: dict[str, Any]) -> dict[str, Any
         # --- ours ---
         "accuracy": {a: result.accuracy[a] for a in _ordered(result)},
         "w_robust": {a: result.w_robust[a] for a in _ordered(result) if a in result.w_robust},
-        "headline": {"attack": headline, "w_robust": result.w_robust.get(headline)},
+        "headline": {"attack": headline, "w_robust": result.w_robust.get(headline) if headline else None},
         "eps_value": result.meta.get("eps"),
         "n_examples": result.n_examples,
         "seed": result.meta.get("seed"),
@@ -89,7 +89,8 @@ def markdown(result: EvalResult, model_info: dict[str, Any]) -> str:
         lines.append(f"| {a} | {result.accuracy[a]:.2f} | {wr} | {ptxt} | {result.seconds.get(a, 0.0):.1f} |")
     backends = meta.get("backends", {})
     if backends:
-        lines += ["", "Backends: " + ", ".join(f"{a}: {b['package']} {b['version']}" for a, b in backends.items()) + "."]
+        lines += ["", "Backends: " + ", ".join(f"{a}: {b['package']} {b['version']}" for a,
+                                               b in backends.items()) + "."]
     teachers = model_info.get("teachers")
     if teachers:
         lines += ["", "Teachers: " + ", ".join(f"{role}: {_fmt(t)}" for role, t in teachers.items()) + "."]
@@ -116,7 +117,7 @@ def parquet_row(result: EvalResult, model_info: dict[str, Any]) -> dict[str, Any
         "checkpoint": str(model_info["checkpoint"]) if model_info.get("checkpoint") is not None else None,
         "threat_model": "Linf", "eps": float(meta.get("eps", float("nan"))), "n_examples": int(result.n_examples),
         "seed": meta.get("seed"), "headline": headline,
-        "headline_w_robust": result.w_robust.get(headline),
+        "headline_w_robust": result.w_robust.get(headline) if headline else None,
     }
     for a in _ordered(result):
         row[f"acc_{a}"] = float(result.accuracy[a])
@@ -146,9 +147,9 @@ def write_reports(result: EvalResult, out_dir: Path, *, model_info: dict[str, An
     md = markdown(result, model_info)
     row = parquet_row(result, model_info)
     table = pa.table({k: [v] for k, v in row.items()})  # built before any file is written
-    return {"json": io.atomic_text(text, out_dir / f"{stem}.json"),
-            "md": io.atomic_text(md, out_dir / f"{stem}.md"),
-            "parquet": io.atomic_parquet(table, out_dir / f"{stem}.parquet")}
+    return {"json": fileio.atomic_text(text, out_dir / f"{stem}.json"),
+            "md": fileio.atomic_text(md, out_dir / f"{stem}.md"),
+            "parquet": fileio.atomic_parquet(table, out_dir / f"{stem}.parquet")}
 
 
 def print_table(result: EvalResult, title: str) -> None:
@@ -157,8 +158,8 @@ def print_table(result: EvalResult, title: str) -> None:
     from rich.table import Table
 
     headline = result.meta.get("headline")
-    table = Table(title=title, caption=f"{result.n_examples} examples, L-inf eps "
-                                       f"{eps_label(result.meta.get('eps', float('nan')))}, seed {result.meta.get('seed')}")
+    eps = eps_label(result.meta.get("eps", float("nan")))
+    table = Table(title=title, caption=f"{result.n_examples} examples, L-inf eps {eps}, seed {result.meta.get('seed')}")
     table.add_column("attack")
     table.add_column("accuracy (%)", justify="right")
     table.add_column("W-Robust (%)", justify="right")

@@ -6,8 +6,17 @@ of the public checkpoints each architecture is laid out to load.
 """
 from __future__ import annotations
 
-from bmtard_ray.models.checkpoint import (CheckpointError, LoadedModel, inspect_checkpoint, load_model, load_pretrained,
-                                          load_weights, model_record, pyautoattack_resnet18_path, read_state_dict)
+from bmtard_ray.models.files import (
+                                          CheckpointError,
+                                          LoadedModel,
+                                          inspect_checkpoint,
+                                          load_model,
+                                          load_pretrained,
+                                          load_weights,
+                                          model_record,
+                                          pyautoattack_resnet18_path,
+                                          read_state_dict,
+)
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
 from bmtard_ray.models.resnet import ProjectionResNet56, ResNet18, ResNet56
 from bmtard_ray.models.small import InputNormalization, SmallCNN, TinyCNN

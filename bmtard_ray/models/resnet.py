@@ -44,6 +44,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
+    layer1: nn.Sequential  # set by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, num_classes: int = 10, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -90,6 +95,10 @@ class OptionABlock(nn.Module):
 
 class ResNet56(nn.Module):
     """ResNet-6n+2 for CIFAR (He et al. 2016, option A); ``n=9`` gives ResNet-56 (0.85 M parameters)."""
+    layer1: nn.Sequential  # set by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
 
     def __init__(self, num_classes: int = 10, n: int = 9, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> None:
@@ -143,6 +152,10 @@ class ProjectionResNet56(nn.Module):
     The authors' clean-teacher checkpoint was trained on [0, 1] inputs without normalisation; the same layout's
     chenyaofo checkpoints were trained with CIFAR mean/std (give ``mean``/``std`` for those).
     """
+    layer1: nn.Sequential  # set by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
 
     def __init__(self, num_classes: int = 10, n: int = 9, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> None:
@@ -152,7 +165,8 @@ class ProjectionResNet56(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         in_planes = 16
         for i, (planes, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
-            blocks = [ProjectionBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1) for j in range(n)]
+            blocks = [ProjectionBlock(in_planes if j == 0 else planes, planes,
+                                      stride if j == 0 else 1) for j in range(n)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             in_planes = planes
         self.fc = nn.Linear(64, num_classes)

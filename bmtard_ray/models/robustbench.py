@@ -19,8 +19,13 @@ from pathlib import Path
 from torch import nn
 
 from bmtard_ray.errors import CheckpointError, ConfigError
-from bmtard_ray.names import (ROBUSTBENCH_KNOWN, ROBUSTBENCH_THREAT_MODEL, check_robustbench_dataset,
-                              known_robustbench_model, robustbench_name)
+from bmtard_ray.names import (
+    ROBUSTBENCH_KNOWN,
+    ROBUSTBENCH_THREAT_MODEL,
+    check_robustbench_dataset,
+    known_robustbench_model,
+    robustbench_name,
+)
 
 
 def robustbench_path(spec: str, dataset: str, model_dir: str | Path) -> Path:

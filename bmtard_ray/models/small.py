@@ -20,6 +20,9 @@ class InputNormalization(nn.Module):
     stay out of ``state_dict()``, so our checkpoints keep exactly the key layout of the public ones.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.names import MODEL_NAMES
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
 from bmtard_ray.models.resnet import ProjectionResNet56, ResNet18, ResNet56
 from bmtard_ray.models.small import SmallCNN, TinyCNN
 from bmtard_ray.models.wideresnet import DMWideResNet, WideResNet
+from bmtard_ray.names import MODEL_NAMES
 
 Stats = Sequence[float] | None
 
@@ -49,11 +49,11 @@ def _check_stats(name: str, values: Stats) -> tuple[float, float, float] | None:
         raise ConfigError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}") from None
     if len(out) != 3 or not all(math.isfinite(v) for v in out):
         raise ConfigError(f"{name} must be 3 finite numbers (one per RGB channel), got {values!r}")
-    return out  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
-def build_model(name: str, num_classes: int, *, mean: tuple[float, float, float] | None = None,
-                std: tuple[float, float, float] | None = None, layout: str | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int, *, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, layout: str | None = None) -> nn.Module:
     """A freshly initialised model by name; ``mean``/``std`` (both or neither) normalise [0, 1] inputs inside.
 
     ``layout`` chooses among the parameter layouts of an architecture listed in ``LAYOUTS`` (default: its first).
@@ -78,7 +78,7 @@ def build_model(name: str, num_classes: int, *, mean: tuple[float, float, float]
     return model
 
 
-def _weight_keys(keys: set[str] | Sequence[str]) -> set[str]:
+def _weight_keys(keys: Iterable[str]) -> set[str]:
     # BN counters may be absent (PyTorch < 0.4.1); mean/std are RobustBench's normalisation buffers.
     return {k for k in keys if not k.endswith("num_batches_tracked")} - {"mean", "std"}
 

@@ -1,9 +1,9 @@
-"""Ray Train (V2) layer: the core training loop on every worker of a ``TorchTrainer``.
+"""Ray Train (V2) layer: the core trainer on every worker of a ``TorchTrainer``.
 
 ``run_train.py`` comes here unless ``--local`` is given. The driver validates everything first (config,
 data folder, teacher files, batch divisibility, the cluster's resources), prepares the teachers (so
 workers only load cached files), then fits one ``TorchTrainer`` whose workers each run
-:func:`train_loop_per_worker`: the core :class:`~bmtard_ray.loop.Trainer` with the process group Ray set
+:func:`train_loop_per_worker`: the core :class:`~bmtard_ray.training.trainer.Trainer` with the process group Ray set
 up, ``DistContext`` for rank / world size / all-reduce, DDP around the student only, and a ``report``
 callable that hands rank 0's checkpoint dict to ``ray.train.report``.
 
@@ -25,8 +25,8 @@ Inside Tune (Ray 2.60: ``from ray.tune.integration.ray_train import TuneReportCa
     make_torch_trainer(absolute_paths(cfg), ScalingOptions(num_workers=1, gpus_per_worker=0),
                        run_config=run_config).fit()
 
-``make_torch_trainer`` only trains and checkpoints (every ``cfg.checkpoint_every`` epochs, one
-``checkpoint.pt`` per Ray checkpoint folder ``checkpoint_epochNNNN``); every report is one epoch with the
+``make_torch_trainer`` only trains and checkpoints (every ``cfg.checkpoint_every`` epochs, one checkpoint file
+per Ray checkpoint folder, named by :mod:`bmtard_ray.storage.checkpoints`); every report is one epoch with the
 metrics of :meth:`Trainer.train_epoch` (+ validation), JSON-safe (NaN -> None, as Ray stores them in its
 snapshot). ``finish=True`` adds the final evaluation on the validation and test splits, rank 0 writes the
 run folder's outputs, and the summary comes back as ``result.return_value``. ``run_ray`` turns it on; a
@@ -53,15 +53,15 @@ from __future__ import annotations
 
 # Modules, each with one job: scaling (workers and resources), placement (failure budget, how long a run waits
 # for its workers), cluster (connect / start Ray, resource checks),
-# worker (the per-worker loop), view (the driver's live table), run (the run itself). Run folders and
-# checkpoints are bmtard_ray.storage's, shared with the in-process runner.
+# worker (the trainer on each worker), view (the driver's live table), driver (the run itself). Run folders and
+# checkpoints are bmtard_ray.storage's, shared with the in-process launch.
 from bmtard_ray.ray_train.cluster import check_reachable, check_resources, connect, start_local_ray, stop_local_ray
-from bmtard_ray.ray_train.run import fit_with_view, make_torch_trainer, run_from_args, run_ray, user_error
-from bmtard_ray.ray_train.scaling import ScalingOptions, scaling_from_args
+from bmtard_ray.ray_train.driver import fit_with_view, make_torch_trainer, run_ray, user_error
+from bmtard_ray.ray_train.scaling import RayRunOptions, ScalingOptions, ray_run_options
 from bmtard_ray.ray_train.view import EpochView
 from bmtard_ray.ray_train.worker import train_loop_per_worker
-from bmtard_ray.storage import absolute_paths
+from bmtard_ray.storage.run_folder import absolute_paths
 
-__all__ = ["ScalingOptions", "scaling_from_args", "run_ray", "run_from_args", "make_torch_trainer", "fit_with_view",
+__all__ = ["ScalingOptions", "RayRunOptions", "ray_run_options", "run_ray", "make_torch_trainer", "fit_with_view",
            "train_loop_per_worker", "absolute_paths", "connect", "check_reachable", "check_resources",
            "start_local_ray", "stop_local_ray", "EpochView", "user_error"]

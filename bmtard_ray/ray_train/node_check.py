@@ -14,7 +14,7 @@ from pathlib import Path
 from bmtard_ray.config import RunConfig
 from bmtard_ray.data import dataset_folder
 from bmtard_ray.errors import CheckpointError, DataError
-from bmtard_ray.models.checkpoint import PYAUTOATTACK
+from bmtard_ray.models.files import PYAUTOATTACK
 from bmtard_ray.names import teacher_roles
 
 SHARE_HINT = "every node needs the same path: put it on a shared filesystem or copy it to each node"

@@ -83,10 +83,11 @@ def not_placed(exc: BaseException, scaling: ScalingOptions) -> ClusterError | No
     if scaling.elastic or not _startup_timeout(exc):
         return None
     try:
-        could = f"could place only {min(placeable_workers(scaling), scaling.num_workers - 1)}"
+        could = f"could place only {min(placeable_workers(scaling), scaling.max_workers - 1)}"
     except Exception:  # the cluster went away meanwhile: say what is known
         could = "could not place all"
-    want = f"{scaling.cpus_per_worker:g} CPU" + (f" and {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else "")
+    gpus = f" and {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
+    want = f"{scaling.cpus_per_worker:g} CPU{gpus}"
     return ClusterError(f"the Ray cluster {could} of the {scaling.num_workers} workers ({want} each) this run needs "
                         f"within {scaling.wait_for_workers_s:g} s (--wait-for-workers): free resources or add nodes "
                         f"and resume the run, or give an elastic range such as --workers 1-{scaling.num_workers}")

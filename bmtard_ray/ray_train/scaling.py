@@ -12,7 +12,6 @@ from ray.train import ScalingConfig
 from bmtard_ray.config import RunConfig, read_yaml
 from bmtard_ray.errors import ConfigError
 
-
 # --placement / ``placement:`` values and the Ray placement strategies they stand for.
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
 
@@ -135,35 +134,50 @@ class ScalingOptions:
         resources: dict[str, float] = {"CPU": self.cpus_per_worker or 1.0}
         if gpus:
             resources["GPU"] = gpus
-        elastic = {} if self.resize_interval_s is None else {"elastic_resize_monitor_interval_s": self.resize_interval_s}
+        elastic = ({} if self.resize_interval_s is None
+                   else {"elastic_resize_monitor_interval_s": self.resize_interval_s})
         return ScalingConfig(num_workers=self.num_workers, use_gpu=gpus > 0, resources_per_worker=resources,
                              placement_strategy=self.placement_strategy, **elastic)
 
 
-def scaling_from_args(args: Any) -> ScalingOptions:
-    """ScalingOptions from run_train.py's flags, over an optional ``--ray-config`` YAML file."""
+@dataclass
+class RayRunOptions:
+    """How a Ray Train run is placed and kept alive: its workers, the cluster, the run folder's parent and
+    its budgets (``run_train.py``'s Ray flags over an optional ``--ray-config`` YAML file)."""
+    scaling: ScalingOptions
+    address: str | None = None
+    storage_path: str | None = None
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+
+
+# Flags (run_train.py's argparse names) -> keys of a --ray-config file.
+RAY_FLAG_KEYS = {"workers": "num_workers", "cpus_per_worker": "cpus_per_worker", "gpus_per_worker": "gpus_per_worker",
+                 "placement": "placement", "address": "address", "storage_path": "storage_path",
+                 "max_failures": "max_failures", "keep_checkpoints": "keep_checkpoints",
+                 "resize_interval": "resize_interval_s", "wait_for_workers": "wait_for_workers_s"}
+
+
+def ray_run_options(flags: dict[str, Any], ray_config: str | None = None) -> RayRunOptions:
+    """The options of a Ray run: ``flags`` (flag name -> value; None = not given, see :data:`RAY_FLAG_KEYS`)
+    over the file ``ray_config``."""
     values: dict[str, Any] = {}
-    if getattr(args, "ray_config", None):
-        data = read_yaml(args.ray_config)
+    if ray_config:
+        data = read_yaml(ray_config)
         names = {f.name for f in fields(ScalingOptions)} | {"placement", "address", "storage_path", "max_failures",
                                                             "keep_checkpoints"}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {args.ray_config}; valid keys: "
+            raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {ray_config}; valid keys: "
                               f"{', '.join(sorted(names))}")
         values.update(data)
-    for flag, key in (("workers", "num_workers"), ("cpus_per_worker", "cpus_per_worker"),
-                      ("gpus_per_worker", "gpus_per_worker"), ("placement", "placement"), ("address", "address"),
-                      ("storage_path", "storage_path"), ("max_failures", "max_failures"),
-                      ("keep_checkpoints", "keep_checkpoints"), ("resize_interval", "resize_interval_s"),
-                      ("wait_for_workers", "wait_for_workers_s")):
-        if getattr(args, flag, None) is not None:
-            values[key] = getattr(args, flag)
+    for flag, key in RAY_FLAG_KEYS.items():
+        if flags.get(flag) is not None:
+            values[key] = flags[flag]
     for key in ("placement", "placement_strategy"):
         if key in values:
             values["placement_strategy"] = placement_strategy(values.pop(key))
-    args.address = values.pop("address", None)
-    args.storage_path = values.pop("storage_path", None)
-    args.max_failures = values.pop("max_failures", 2)
-    args.keep_checkpoints = values.pop("keep_checkpoints", 2)
-    return ScalingOptions(**values).validate()
+    address, storage_path = values.pop("address", None), values.pop("storage_path", None)
+    max_failures, keep = values.pop("max_failures", 2), values.pop("keep_checkpoints", 2)
+    return RayRunOptions(ScalingOptions(**values).validate(), address=address, storage_path=storage_path,
+                         max_failures=max_failures, keep_checkpoints=keep)

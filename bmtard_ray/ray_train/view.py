@@ -103,7 +103,7 @@ class EpochView:
         if self.live is not None:
             self.live.update(self._table())
         else:
-            self.console.print(" | ".join(f"{c} {v}" for c, v in zip(self.COLUMNS, row)), soft_wrap=True)
+            self.console.print(" | ".join(f"{c} {v}" for c, v in zip(self.COLUMNS, row, strict=False)), soft_wrap=True)
 
     def workers(self, n: int) -> None:
         """The number of workers behind the latest report: a change (an elastic resize) is an event."""

@@ -11,12 +11,12 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
-from bmtard_ray import io, storage
 from bmtard_ray.config import from_dict
-from bmtard_ray.dist import DistContext
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.loop import Trainer
 from bmtard_ray.ray_train.node_check import check_node_inputs
+from bmtard_ray.runtime.dist import DistContext
+from bmtard_ray.storage import checkpoints, paths
+from bmtard_ray.training.trainer import Trainer
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +73,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker. ``config`` is what :func:`make_torch_trainer` built:
     ``cfg`` (RunConfig as a dict, absolute paths), ``run_dir`` (storage path or URI of the run folder),
     ``resume_from`` (a checkpoint file to start from when Ray has none), ``finish``, ``worker_hook``
-    (tests: see :func:`run_worker_hook`). Returns the run's summary when ``finish`` (Ray hands rank 0's to the driver), else None."""
+    (tests: see :func:`run_worker_hook`). Returns the run's summary when ``finish`` (Ray hands rank 0's to the
+    driver), else None."""
     _quiet_ray_train_worker()
     cfg = from_dict(config["cfg"])
     check_node_inputs(cfg)  # this node's copy of the data and teachers, before any collective or step
@@ -90,11 +91,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="bmtard-ckpt-") as tmp:
-            torch.save(checkpoint, Path(tmp) / storage.CHECKPOINT_FILE)
+            checkpoints.write(checkpoint, tmp, atomic=False)
             # An epoch's report names the epoch; a mid-epoch one (no "epoch" key) the batches done after the
             # epochs its checkpoint holds.
-            name = (storage.checkpoint_dir_name(metrics["epoch"]) if "epoch" in metrics
-                    else storage.checkpoint_dir_name(checkpoint["epoch"], metrics["batches"]))
+            name = (checkpoints.folder_name(metrics["epoch"]) if "epoch" in metrics
+                    else checkpoints.folder_name(checkpoint["epoch"], metrics["batches"]))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
     trainer = Trainer(cfg, device=device, dist=dist, report=report, checkpoint_now=PreemptionPoll())
@@ -102,9 +103,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     restored = ray.train.get_checkpoint()  # set after a worker failure, or when the run folder has a snapshot
     if restored is not None:
         with restored.as_directory() as folder:
-            state = io.safe_load(Path(folder) / storage.CHECKPOINT_FILE)
+            state = checkpoints.read_folder(folder)
     elif config.get("resume_from"):
-        state = io.safe_load(Path(config["resume_from"]))
+        state = checkpoints.read_file(config["resume_from"])
     if state is not None:
         trainer.load_state_dict(state)
     run_worker_hook(trainer, config.get("worker_hook"))
@@ -112,12 +113,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if not config.get("finish"):
         return None
     run_dir = str(config["run_dir"])
-    if not storage.is_uri(run_dir):
+    if not paths.is_uri(run_dir):
         return trainer.finish(Path(run_dir))
     with tempfile.TemporaryDirectory(prefix="bmtard-out-") as tmp:
         summary = trainer.finish(Path(tmp))
         if dist.is_main:
-            storage.upload_dir(Path(tmp), run_dir)
+            paths.upload_dir(Path(tmp), run_dir)
     return summary
 
 

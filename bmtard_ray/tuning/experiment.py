@@ -17,22 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from rich.console import Console
 
-from bmtard_ray import io
 from bmtard_ray.config import from_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.ray_train.cluster import cluster_resources
+from bmtard_ray.runtime import fileio
+from bmtard_ray.training.metrics import EPOCH_METRICS
 from bmtard_ray.tuning.optuna_space import OPTUNA_NUMBER, DefineByRun, make_sampler, make_storage, open_study
 from bmtard_ray.tuning.results import TrialRecord
-from bmtard_ray.tuning.search_space import SearchSpace, base_values, load_space, trial_config
 from bmtard_ray.tuning.searcher import TRAIN_DIR, StudySearch, close_unfinished, trial_folder
-from bmtard_ray.tuning.settings import (SETTINGS_FILE, TRIAL_METRICS, TuneSettings, max_concurrent_trials,
-                                        read_settings_file)
+from bmtard_ray.tuning.settings import SETTINGS_FILE, TuneSettings, max_concurrent_trials, read_settings_file
+from bmtard_ray.tuning.space import SearchSpace, load_space
 from bmtard_ray.tuning.trainable import TrialSetup, make_trainable
+from bmtard_ray.tuning.trials import base_values, trial_config
 
 SPACE_COPY = "space.yaml"
 
@@ -55,7 +55,7 @@ def study_attrs(settings: TuneSettings, space: SearchSpace) -> dict[str, Any]:
     """What the Optuna study records about the search, shown by optuna-dashboard beside the trials (few
     keys: its table shows five rows a page, and the selection adds two at the end, see report.py)."""
     return {"space": space.name, "preset": settings.preset,
-            "objectives": dict(zip(settings.objectives, settings.modes))}
+            "objectives": dict(zip(settings.objectives, settings.modes, strict=False))}
 
 
 def make_searcher(settings: TuneSettings, space: SearchSpace) -> StudySearch:
@@ -112,7 +112,7 @@ def write_settings(settings: TuneSettings, space_path: Path) -> None:
     exp = Path(settings.experiment_dir)
     exp.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(space_path, exp / SPACE_COPY)
-    io.atomic_text(settings.to_json(), exp / SETTINGS_FILE)
+    fileio.atomic_text(settings.to_json(), exp / SETTINGS_FILE)
 
 
 def read_settings(experiment_dir: Path) -> tuple[TuneSettings, SearchSpace]:
@@ -223,12 +223,12 @@ def collect_records(grid: Any, settings: TuneSettings, space: SearchSpace, max_e
         history = []
         df = result.metrics_dataframe
         if df is not None and len(df):
-            cols = [c for c in TRIAL_METRICS if c in df.columns]
+            cols = [c for c in EPOCH_METRICS if c in df.columns]
             history = [{c: _number(row[c]) for c in cols} for _, row in df[cols].iterrows()]
         status = statuses.get(trial_id) or ("ERROR" if result.error else ("TERMINATED" if metrics else "PENDING"))
         records.append(TrialRecord(
             trial_id=trial_id, status=status, params=params, effective=effective,
-            metrics={k: _number(metrics[k]) for k in TRIAL_METRICS if k in metrics}, history=history,
+            metrics={k: _number(metrics[k]) for k in EPOCH_METRICS if k in metrics}, history=history,
             checkpoint_path=metrics.get("checkpoint_path"), trial_dir=str(result.path),
             time_s=float(metrics.get("time_total_s") or math.nan),
             error=(str(result.error).strip().splitlines() or [""])[-1][:300] if result.error else None,

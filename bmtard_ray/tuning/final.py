@@ -13,21 +13,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from bmtard_ray import io
-from bmtard_ray.config import EvalConfig, RunConfig, from_dict
-from bmtard_ray.errors import CheckpointError
 from bmtard_ray import evaluation
+from bmtard_ray.config import EvalConfig, RunConfig, from_dict
 from bmtard_ray.data import prepare_data
-from bmtard_ray.device import select_device
-from bmtard_ray.loop import TRACE_COLUMNS
+from bmtard_ray.errors import CheckpointError
 from bmtard_ray.models import build_model
-from bmtard_ray.models.checkpoint import model_record
+from bmtard_ray.models.files import model_record
 from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, teacher_roles
-from bmtard_ray.summary import teacher_provenance
-from bmtard_ray.teachers import load_teacher
+from bmtard_ray.runtime import fileio
+from bmtard_ray.runtime.device import select_device
+from bmtard_ray.storage import checkpoints
+from bmtard_ray.training.metrics import TRACE_COLUMNS
+from bmtard_ray.training.outputs import teacher_provenance
+from bmtard_ray.training.teachers import load_teacher
 from bmtard_ray.tuning.results import TrialRecord
 from bmtard_ray.tuning.settings import TuneSettings
-from bmtard_ray.tuning.trainable import checkpoint_file
 
 # The suite on a CPU: every white-box gradient attack, plus the transfer (black-box) attacks crafted on the
 # robust teacher when the method has one. On a GPU, AutoAttack and Square too (on a CPU they take hours for
@@ -47,16 +47,15 @@ class FinalResult:
     state: dict[str, Any]          # the checkpoint (history, trace, config)
 
 
-def load_checkpoint(record: TrialRecord) -> dict[str, Any]:
+def checkpoint_of(record: TrialRecord) -> Path:
+    """The training-state file of a trial's last reported checkpoint."""
     if not record.checkpoint_path:
         raise CheckpointError(f"trial {record.trial_id} reported no checkpoint")
-    path = checkpoint_file(record.checkpoint_path)
+    path = checkpoints.file_in(record.checkpoint_path)
     if path is None:
-        raise CheckpointError(f"trial {record.trial_id}: no .pt file in its checkpoint {record.checkpoint_path}")
-    state = io.safe_load(path)
-    if not isinstance(state, dict) or "student" not in state or "config" not in state:
-        raise CheckpointError(f"{path} is not a bmtard_ray training checkpoint")
-    return state
+        raise CheckpointError(f"trial {record.trial_id}: no {checkpoints.FILE} in its checkpoint "
+                              f"{record.checkpoint_path}")
+    return path
 
 
 def suite(cfg: RunConfig, device: torch.device) -> tuple[str, ...]:
@@ -67,7 +66,8 @@ def suite(cfg: RunConfig, device: torch.device) -> tuple[str, ...]:
 
 
 def evaluate_best(record: TrialRecord, settings: TuneSettings, out: Path, console: Console) -> FinalResult:
-    state = load_checkpoint(record)
+    path = checkpoint_of(record)
+    state = checkpoints.read_file(path)
     cfg = from_dict(state["config"])
     device = select_device(cfg.device)
     data = prepare_data(cfg)
@@ -89,7 +89,7 @@ def evaluate_best(record: TrialRecord, settings: TuneSettings, out: Path, consol
     out.mkdir(parents=True, exist_ok=True)
     model_info = {"name": f"{Path(settings.experiment_dir).name} trial {record.trial_id}",
                   "architecture": cfg.student, "dataset": cfg.data.dataset, "split": "test",
-                  "checkpoint": str(checkpoint_file(record.checkpoint_path)), "method": cfg.method.name,
+                  "checkpoint": str(path), "method": cfg.method.name,
                   "teachers": teacher_provenance(cfg), "trial_id": record.trial_id, "params": record.effective}
     evaluation.write_reports(result, out, model_info=model_info, stem="test")
     evaluation.print_table(result, f"trial {record.trial_id}: test split")
@@ -97,14 +97,14 @@ def evaluate_best(record: TrialRecord, settings: TuneSettings, out: Path, consol
     summary = {"trial_id": record.trial_id, "params": record.params, "effective": record.effective,
                "validation": {k: record.metrics.get(k) for k in ("val_clean", "val_robust", "val_w_robust")},
                "epochs": record.epochs, "test": {"n_examples": result.n_examples, "accuracy": acc, "w_robust": w}}
-    io.atomic_torch_save(model_record(student, cfg.student, data.info, cfg, {"summary": summary}), out / "model.pt")
-    io.atomic_text(json.dumps(summary, indent=2, default=str), out / "summary.json")
+    fileio.atomic_torch_save(model_record(student, cfg.student, data.info, cfg, {"summary": summary}), out / "model.pt")
+    fileio.atomic_text(json.dumps(summary, indent=2, default=str), out / "summary.json")
     history = state.get("history") or []
     if history:
-        io.atomic_parquet(io.history_table(history), out / "metrics.parquet")
+        fileio.atomic_parquet(fileio.history_table(history), out / "metrics.parquet")
     trace = trace_table(state)
     if trace is not None:
-        io.atomic_parquet(trace, out / "trace.parquet")
+        fileio.atomic_parquet(trace, out / "trace.parquet")
     return FinalResult(record.trial_id, attacks, int(result.n_examples), acc, w, out, state)
 
 

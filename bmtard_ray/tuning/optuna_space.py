@@ -1,4 +1,4 @@
-"""A :class:`~bmtard_ray.tuning.search_space.SearchSpace` as Optuna sees it: distributions, a define-by-run sampler
+"""A :class:`~bmtard_ray.tuning.space.SearchSpace` as Optuna sees it: distributions, a define-by-run sampler
 function, and the seeded sampler itself."""
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from bmtard_ray.tuning.search_space import Param, SearchSpace
 from bmtard_ray.tuning.settings import TuneSettings
+from bmtard_ray.tuning.space import Param, SearchSpace
+
+
+def _bounds(p: Param) -> tuple[float | int, float | int]:
+    """A numeric parameter's bounds (parse_space sets both for every float and int parameter)."""
+    assert p.low is not None and p.high is not None, p.key
+    return p.low, p.high
 
 
 def distribution(p: Param) -> BaseDistribution:
     if p.kind == "float":
-        return FloatDistribution(float(p.low), float(p.high), log=p.log, step=p.step)
+        return FloatDistribution(*map(float, _bounds(p)), log=p.log, step=p.step)
     if p.kind == "int":
-        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        return IntDistribution(*map(int, _bounds(p)), log=p.log, step=int(p.step or 1))
     return CategoricalDistribution(list(p.choices))
 
 
@@ -26,9 +32,9 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
 
 def suggest(trial: optuna.Trial, p: Param) -> Any:
     if p.kind == "float":
-        return trial.suggest_float(p.key, float(p.low), float(p.high), log=p.log, step=p.step)
+        return trial.suggest_float(p.key, *map(float, _bounds(p)), log=p.log, step=p.step)
     if p.kind == "int":
-        return trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        return trial.suggest_int(p.key, *map(int, _bounds(p)), log=p.log, step=int(p.step or 1))
     return trial.suggest_categorical(p.key, list(p.choices))
 
 
@@ -63,7 +69,8 @@ def make_sampler(settings: TuneSettings) -> optuna.samplers.BaseSampler:
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
     if settings.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=settings.seed, population_size=max(4, min(50, settings.num_samples // 2)))
+        return optuna.samplers.NSGAIISampler(seed=settings.seed,
+                                             population_size=max(4, min(50, settings.num_samples // 2)))
     # constant_liar: trials running in parallel count as bad guesses, so concurrent suggestions spread out.
     return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
                                       constant_liar=True)

@@ -3,7 +3,7 @@ trial's temperature / weight trajectories."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bmtard_ray.tuning.results import TrialRecord, pareto_ids  # noqa: E402
 from bmtard_ray.tuning.settings import TuneSettings  # noqa: E402
@@ -47,7 +48,9 @@ def plot_objective(records: Sequence[TrialRecord], settings: TuneSettings, path:
         ax.step(xs, ys, where="post", color="C1", label="best so far")
         ax.legend(loc="lower right")
     ax.set_xlabel("trial (in order of creation)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator)  # matplotlib's default AutoLocator is one
+    locator.set_params(integer=True)
     ax.set_ylabel(f"{metric} (last reported epoch)")
     ax.set_title(f"{metric} per trial (hollow: stopped early by ASHA, x: failed)")
     ax.grid(alpha=0.3)
@@ -76,7 +79,7 @@ def plot_pareto(records: Sequence[TrialRecord], settings: TuneSettings, path: Pa
     return _save(fig, path)
 
 
-def plot_trajectories(series: dict[str, Sequence[float]], x: Sequence[float], xlabel: str, path: Path,
+def plot_trajectories(series: Mapping[str, Sequence[float]], x: Sequence[float], xlabel: str, path: Path,
                       title: str) -> Path:
     """tau_adv / tau_nat on top, w_adv / w_nat below, against iterations (trace) or epochs (metrics)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)

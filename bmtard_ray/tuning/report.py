@@ -8,13 +8,19 @@ from typing import Any
 
 from rich.console import Console
 
-from bmtard_ray import io
+from bmtard_ray.runtime import fileio
 from bmtard_ray.tuning import plots
 from bmtard_ray.tuning.experiment import Outcome
 from bmtard_ray.tuning.final import FinalResult, evaluate_best, trace_table
 from bmtard_ray.tuning.optuna_space import open_study
-from bmtard_ray.tuning.results import (TrialRecord, best_record, leaderboard_markdown, leaderboard_table,
-                                       pareto_ids, write_table)
+from bmtard_ray.tuning.results import (
+    TrialRecord,
+    best_record,
+    leaderboard_markdown,
+    leaderboard_table,
+    pareto_ids,
+    write_table,
+)
 from bmtard_ray.tuning.searcher import set_study_attrs
 from bmtard_ray.tuning.settings import TuneSettings
 
@@ -34,7 +40,7 @@ def write_partial(outcome: Outcome, settings: TuneSettings, console: Console) ->
     exp = outcome.experiment_dir
     if outcome.records:
         write_table(outcome.records, settings, exp / TABLE)
-        io.atomic_text(leaderboard_markdown(outcome.records, settings, title(settings)), exp / LEADERBOARD)
+        fileio.atomic_text(leaderboard_markdown(outcome.records, settings, title(settings)), exp / LEADERBOARD)
 
 
 def trajectories(record: TrialRecord, state: dict[str, Any] | None) -> tuple[dict[str, list[float]], list[float], str]:
@@ -61,7 +67,7 @@ def record_selection(settings: TuneSettings, trial_id: str, final: FinalResult) 
 def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[str, Any]:
     exp, records = outcome.experiment_dir, outcome.records
     write_table(records, settings, exp / TABLE)
-    io.atomic_text(leaderboard_markdown(records, settings, title(settings)), exp / LEADERBOARD)
+    fileio.atomic_text(leaderboard_markdown(records, settings, title(settings)), exp / LEADERBOARD)
     console.print(leaderboard_table(records, settings, settings.top, title(settings)))
     best = best_record(records, settings)
     figs = exp / PLOTS
@@ -89,7 +95,7 @@ def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[s
                            "validation": {k: best.metrics.get(k) for k in ("val_clean", "val_robust", "val_w_robust")},
                            "test": {"n_examples": final.n_examples, "accuracy": final.accuracy,
                                     "w_robust": final.w_robust}, "folder": str(final.folder)}
-    io.atomic_text(json.dumps(summary, indent=2, default=str), exp / "summary.json")
+    fileio.atomic_text(json.dumps(summary, indent=2, default=str), exp / "summary.json")
     console.print(f"trials table: {exp / TABLE}\nleaderboard: {exp / LEADERBOARD}\nplots: {figs}\n"
                   f"Optuna study: optuna-dashboard {settings.storage_url}\nTensorBoard: tensorboard --logdir {exp}\n"
                   f"both at once, on 127.0.0.1: python run_tune.py --review {exp}", soft_wrap=True)

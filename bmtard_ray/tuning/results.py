@@ -13,8 +13,9 @@ from typing import Any
 
 from rich.table import Table
 
-from bmtard_ray import io
-from bmtard_ray.tuning.settings import TRIAL_METRICS, TuneSettings, default_mode
+from bmtard_ray.runtime import fileio
+from bmtard_ray.training.metrics import EPOCH_METRICS, VALIDATION_METRICS, default_mode, label_of
+from bmtard_ray.tuning.settings import TuneSettings
 
 
 @dataclass
@@ -52,10 +53,11 @@ def _ok(r: TrialRecord, metrics: Sequence[str]) -> bool:
 def pareto_mask(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[bool]:
     """``True`` for each point no other point dominates (at least as good everywhere, better somewhere)."""
     signs = [1.0 if m else -1.0 for m in maximize]
-    pts = [[s * v for s, v in zip(signs, p)] for p in points]
+    pts = [[s * v for s, v in zip(signs, p, strict=False)] for p in points]
     out = []
     for i, p in enumerate(pts):
-        dominated = any(all(q_ >= p_ for q_, p_ in zip(q, p)) and any(q_ > p_ for q_, p_ in zip(q, p))
+        dominated = any(all(q_ >= p_ for q_, p_ in zip(q, p, strict=False))
+                        and any(q_ > p_ for q_, p_ in zip(q, p, strict=False))
                         for j, q in enumerate(pts) if j != i)
         out.append(not dominated)
     return out
@@ -68,7 +70,7 @@ def pareto_ids(records: Sequence[TrialRecord], settings: TuneSettings,
     modes = tuple(settings.modes) if settings.multi else ("max",) * len(metrics)
     good = [r for r in records if _ok(r, metrics)]
     mask = pareto_mask([[r.value(m) for m in metrics] for r in good], [m == "max" for m in modes])
-    return {r.trial_id for r, on in zip(good, mask) if on}
+    return {r.trial_id for r, on in zip(good, mask, strict=False) if on}
 
 
 def rank(records: Sequence[TrialRecord], settings: TuneSettings) -> list[TrialRecord]:
@@ -121,7 +123,7 @@ def table_rows(records: Sequence[TrialRecord], settings: TuneSettings) -> list[d
             row[f"param.{k}"] = r.params.get(k)
         for k in keys:
             row[f"run.{k}"] = r.effective.get(k, r.params.get(k))
-        for m in TRIAL_METRICS:
+        for m in EPOCH_METRICS:
             v = r.metrics.get(m)
             row[m] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
         row["checkpoint_path"] = r.checkpoint_path
@@ -149,7 +151,7 @@ def rows_to_arrow(rows: list[dict[str, Any]]) -> Any:
 
 
 def write_table(records: Sequence[TrialRecord], settings: TuneSettings, path: Path) -> Path:
-    return io.atomic_parquet(rows_to_arrow(table_rows(records, settings)), path)
+    return fileio.atomic_parquet(rows_to_arrow(table_rows(records, settings)), path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,25 +173,23 @@ def _cell(v: Any, digits: int = 4) -> str:
 def short_names(keys: Sequence[str]) -> dict[str, str]:
     """Column headers: a key's last part (``eta_tau``) unless two keys share it (then the full key)."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (tail if last.count(tail) == 1 else k) for k, tail in zip(keys, last)}
-
-
-METRIC_HEADERS = {"val_clean": "clean", "val_robust": "robust", "val_w_robust": "W-robust"}
+    return {k: (tail if last.count(tail) == 1 else k) for k, tail in zip(keys, last, strict=False)}
 
 
 def leaderboard_metrics(settings: TuneSettings) -> list[str]:
-    metrics = ["val_clean", "val_robust", "val_w_robust"]
+    metrics = list(VALIDATION_METRICS)
     return metrics + [m for m in settings.objectives if m not in metrics]
 
 
-def leaderboard_rows(records: Sequence[TrialRecord], settings: TuneSettings, top: int) -> tuple[list[str], list[list[str]]]:
+def leaderboard_rows(records: Sequence[TrialRecord], settings: TuneSettings, top: int) -> tuple[list[str],
+                                                                                                list[list[str]]]:
     keys: list[str] = []
     for r in records:
         keys += [k for k in r.params if k not in keys]
     metrics = leaderboard_metrics(settings)
     pareto = ["pareto"] if settings.multi else []
     names = short_names(keys)
-    cols = ["#", "trial", "status", "epochs", *pareto, *(METRIC_HEADERS.get(m, m) for m in metrics),
+    cols = ["#", "trial", "status", "epochs", *pareto, *(label_of(m) for m in metrics),
             *(names[k] for k in keys)]
     front = pareto_ids(records, settings)
     rows = []

@@ -31,9 +31,9 @@ from typing import IO, Any
 from rich.console import Console
 
 from bmtard_ray.errors import ConfigError
+from bmtard_ray.storage.run_folder import CONFIG_FILE
 from bmtard_ray.tuning.settings import CLUSTER_FILE, SETTINGS_FILE, read_settings_file
 
-RUN_CONFIG = "config.yaml"                      # written at the start of every run_train.py run
 DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
 START_TIMEOUT_S = 180.0                         # TensorBoard takes tens of seconds on a busy 2-core machine
 EXTRA_HINT = "install the dashboard extra: pip install -e '.[dashboard]'"
@@ -94,10 +94,10 @@ def target_of(folder: Path) -> Target:
             raise ConfigError(f"--review: {folder} holds no Optuna study yet ({db} is missing: the search has not "
                               "created its trials)")
         return Target(folder, "experiment", settings.storage_url, settings.study_name, ray_candidates(folder))
-    if (folder / RUN_CONFIG).is_file():
+    if (folder / CONFIG_FILE).is_file():
         return Target(folder, "run", ray_candidates=ray_candidates(folder))
     raise ConfigError(f"--review: {folder} is neither a run_tune.py experiment ({SETTINGS_FILE}) nor a run_train.py "
-                      f"run ({RUN_CONFIG})")
+                      f"run ({CONFIG_FILE})")
 
 
 def program(name: str) -> str:

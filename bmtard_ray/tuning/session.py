@@ -7,26 +7,42 @@ none trains a teacher.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from bmtard_ray import io
 from bmtard_ray.config import RunConfig, from_dict, replace, teacher_cache_dir, to_dict
-from bmtard_ray.names import teacher_roles
 from bmtard_ray.data import prepare_data
-from bmtard_ray.tuning.search_space import SearchSpace, trial_methods
-from bmtard_ray.preflight import check_batches, probe_all
-from bmtard_ray.teachers import check_given_teachers, ensure_teachers, roles_to_train
+from bmtard_ray.launch.preflight import check_batches, probe_all
+from bmtard_ray.names import teacher_roles
 from bmtard_ray.ray_train import cluster
+from bmtard_ray.runtime import fileio
+from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
 from bmtard_ray.tuning import experiment
 from bmtard_ray.tuning.settings import CLUSTER_FILE, TuneSettings, max_concurrent_trials, resolve_gpus
+from bmtard_ray.tuning.space import SearchSpace
 from bmtard_ray.tuning.teacher_task import train_teacher_on_cluster
+from bmtard_ray.tuning.trials import trial_methods
+
+
+@dataclass
+class Launch:
+    """How this command runs the search: the Ray cluster to join (None: RAY_ADDRESS, else a Ray started here
+    with ``num_cpus``), whether an experiment folder of the same name is replaced, and how much of Tune's
+    progress it prints. ``started_ray`` is set once this process has started Ray (so that it stops it)."""
+    address: str | None = None
+    num_cpus: int | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    started_ray: bool = False
+
+    def connect(self) -> None:
+        self.started_ray = cluster.init_ray(self.address, self.num_cpus)
 
 
 def prepare_teachers(cfg: RunConfig, space: SearchSpace, settings: TuneSettings, console: Console) -> RunConfig:
@@ -50,7 +66,7 @@ def prepare_teachers(cfg: RunConfig, space: SearchSpace, settings: TuneSettings,
 def record_dashboard(experiment_dir: Path) -> None:
     """Note the cluster's dashboard in the experiment folder, where ``run_tune.py --review`` looks for it."""
     record = {"dashboard_url": cluster.dashboard_url(), "pid": os.getpid(), "time": time.time()}
-    io.atomic_text(json.dumps(record, indent=2), Path(experiment_dir) / CLUSTER_FILE)
+    fileio.atomic_text(json.dumps(record, indent=2), Path(experiment_dir) / CLUSTER_FILE)
 
 
 def teachers_to_train(cfg: RunConfig, space: SearchSpace) -> list[str]:
@@ -70,31 +86,31 @@ def writable_paths(settings: TuneSettings, cfg: RunConfig, to_train: list[str]) 
     return paths
 
 
-def preflight(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace) -> None:
+def preflight(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, launch: Launch) -> None:
     """What must hold before anything is printed, removed, trained or written (one line if not)."""
     to_train = teachers_to_train(cfg, space)
     probe_all(writable_paths(settings, cfg, to_train))  # before anything is removed, trained or written
     data = prepare_data(cfg)            # a missing data folder fails here, before Ray starts
     check_batches(cfg, data, to_train)  # the base config's batches and every teacher still to train
     check_given_teachers(cfg, data.info, data.val)
-    if cluster.cluster_address(args.address):
+    if cluster.cluster_address(launch.address):
         # Joining a cluster starts nothing here, so it happens first: a dead address or a refused token
         # fails in seconds, before any teacher is trained.
-        args.started_ray = cluster.init_ray(args.address, args.num_cpus)
-    local = cluster.local_resources(args.address, args.num_cpus)
+        launch.connect()
+    local = cluster.local_resources(launch.address, launch.num_cpus)
     if local is not None:               # a Ray instance started here: check the fit before training teachers
         resolve_gpus(settings, local, cfg.device)
         max_concurrent_trials(local, settings)
 
 
-def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argparse.Namespace,
+def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, launch: Launch,
           console: Console) -> tuple[experiment.Outcome, TuneSettings]:
     """After :func:`preflight`: teachers, then Ray (unless joined already), then the Tuner."""
     exp = Path(settings.experiment_dir)
-    if args.overwrite and exp.exists():
+    if launch.overwrite and exp.exists():
         shutil.rmtree(exp)
-    if not cluster.cluster_address(args.address):
-        args.started_ray = cluster.init_ray(args.address, args.num_cpus)
+    if not cluster.cluster_address(launch.address):
+        launch.connect()
     resources = cluster.cluster_resources()
     resolve_gpus(settings, resources, cfg.device)
     n_concurrent = max_concurrent_trials(resources, settings)
@@ -103,23 +119,24 @@ def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argp
     experiment.write_settings(settings, Path(space.source))
     record_dashboard(exp)
     console.print(f"experiment folder: {exp}")
-    outcome = experiment.run(settings, space, resume=False, console=console, verbose=0 if args.quiet else 1,
+    outcome = experiment.run(settings, space, resume=False, console=console, verbose=0 if launch.quiet else 1,
                              n_concurrent=n_concurrent)
     return outcome, settings
 
 
-def resume(exp: Path, args: argparse.Namespace, console: Console) -> tuple[experiment.Outcome, TuneSettings]:
+def resume(exp: Path, launch: Launch, console: Console, *, final_attacks: str | None = None,
+           final_examples: int | None = None, top: int | None = None) -> tuple[experiment.Outcome, TuneSettings]:
+    """Continue the search saved in ``exp``: it cannot change, the final report's options can."""
     settings, space = experiment.read_settings(exp)
-    # The search itself cannot change on resume; the final report's options can.
-    if args.final_attacks:
-        settings.final_attacks = tuple(a.strip() for a in args.final_attacks.split(",") if a.strip())
-    if args.final_examples:
-        settings.final_examples = args.final_examples
-    if args.top != 10:
-        settings.top = args.top
+    if final_attacks:
+        settings.final_attacks = tuple(a.strip() for a in final_attacks.split(",") if a.strip())
+    if final_examples:
+        settings.final_examples = final_examples
+    if top is not None:
+        settings.top = top
     settings.validate()
     probe_all(writable_paths(settings, from_dict(settings.base_config), []))
-    args.started_ray = cluster.init_ray(args.address, args.num_cpus)
+    launch.connect()
     record_dashboard(Path(settings.experiment_dir))
-    outcome = experiment.run(settings, space, resume=True, console=console, verbose=0 if args.quiet else 1)
+    outcome = experiment.run(settings, space, resume=True, console=console, verbose=0 if launch.quiet else 1)
     return outcome, settings

@@ -1,6 +1,6 @@
 """What a tuning experiment is: objectives, search, scheduler, resources; checked before Ray starts.
 
-Pure Python (no ray, no optuna), so every check here runs in milliseconds and is unit-tested on its own.
+Pure Python (no ray, no optuna, no torch), so every check here runs in milliseconds and is unit-tested on its own.
 The settings are saved as ``settings.json`` in the experiment folder; ``--resume`` reads them back, so an
 interrupted experiment continues with exactly the search it started with.
 """
@@ -12,19 +12,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bmtard_ray.engine import STAT_NAMES
 from bmtard_ray.errors import ConfigError
+from bmtard_ray.training.metrics import default_mode, objective_names
 
-# Every per-epoch metric a trial reports (bmtard_ray.loop.Trainer.train_epoch + validate, every epoch
-# because tuning requires val_every=1). The end-to-end test checks this list against a real trial.
-TRIAL_METRICS: tuple[str, ...] = (
-    ("epoch", "lr", "seconds", "images_per_s", "train_loss", "train_L_adv", "train_L_nat")
-    + tuple(c for c in STAT_NAMES if c.startswith(("tau", "w_")))
-    + ("H_adv", "H_nat", "train_acc_adv", "train_acc_nat", "val_clean", "val_robust", "val_w_robust"))
-# Metrics where smaller is better; every other one is maximised unless --mode says otherwise.
-MIN_METRICS = ("train_loss", "train_L_adv", "train_L_nat", "seconds")
-# Not objectives: bookkeeping (epoch, lr) or balance state with no "better" direction.
-NOT_OBJECTIVES = ("epoch", "lr", "tau_adv", "tau_nat", "w_adv", "w_nat", "H_adv", "H_nat")
+# A trial reports every per-epoch metric of bmtard_ray.training.metrics (every epoch: tuning requires
+# val_every=1); the objectives are those with a direction there.
 DEFAULT_OBJECTIVE = "val_w_robust"
 DEFAULT_MULTI_OBJECTIVES = ("val_clean", "val_robust")
 SAMPLERS = ("tpe", "random", "nsga2")
@@ -34,14 +26,6 @@ SETTINGS_FILE = "settings.json"
 # The Ray dashboard of the cluster the search runs on (written when it connects; read by --review).
 CLUSTER_FILE = "ray_cluster.json"
 SETTINGS_FORMAT = "bmtard_ray.tune_settings/1"   # written into settings.json; files without one are version 0
-
-
-def objective_names() -> tuple[str, ...]:
-    return tuple(m for m in TRIAL_METRICS if m not in NOT_OBJECTIVES)
-
-
-def default_mode(metric: str) -> str:
-    return "min" if metric in MIN_METRICS else "max"
 
 
 def check_objectives(objectives: tuple[str, ...], modes: tuple[str, ...]) -> None:
@@ -168,7 +152,8 @@ class TuneSettings:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ConfigError(f"{SETTINGS_FILE}: unknown fields {', '.join(sorted(unknown))} (written by another version?)")
+            raise ConfigError(f"{SETTINGS_FILE}: unknown fields {', '.join(sorted(unknown))} "
+                              "(written by another version?)")
         for key in ("objectives", "modes", "final_attacks"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -224,7 +209,8 @@ def max_concurrent_trials(cluster: dict[str, float], settings: TuneSettings) -> 
         fits.append(math.floor(have_gpu / per_gpu + 1e-9))
     n = min(fits)
     if n < 1:
-        raise ConfigError(f"one trial needs {per_cpu:g} CPU and {per_gpu:g} GPU ({settings.workers_per_trial} worker(s)) "
+        raise ConfigError(f"one trial needs {per_cpu:g} CPU and {per_gpu:g} GPU "
+                          f"({settings.workers_per_trial} worker(s)) "
                           f"but the Ray cluster has {have_cpu:g} CPU and {have_gpu:g} GPU; lower --workers-per-trial, "
                           "--cpus-per-worker or --gpus-per-worker")
     if settings.max_concurrent is not None:

@@ -17,9 +17,9 @@ from rich.console import Console
 
 from bmtard_ray.config import RunConfig, from_dict, to_dict
 from bmtard_ray.errors import BmtardError, CheckpointError
+from bmtard_ray.launch.local import run_local
 from bmtard_ray.ray_train.node_check import SHARE_HINT, check_node_inputs, node_label
-from bmtard_ray.runner import run_local
-from bmtard_ray.storage import absolute_paths
+from bmtard_ray.storage.run_folder import absolute_paths
 
 
 def _train_teacher(cfg_dict: dict[str, Any]) -> str:

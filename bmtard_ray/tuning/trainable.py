@@ -12,13 +12,13 @@ finds the run's checkpoint snapshot under the same name and continues from its l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from bmtard_ray.config import RunConfig, from_dict
-from bmtard_ray.tuning.search_space import SearchSpace, trial_config
+from bmtard_ray.tuning.space import SearchSpace
+from bmtard_ray.tuning.trials import trial_config
 
 # The driver itself only waits on its Train controller. It reserves no CPU, so that a 2-core machine runs
 # two 1-worker trials side by side; Tune refuses an all-zero request, hence a token amount of memory.
@@ -77,13 +77,3 @@ def bmtard_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 def make_trainable(setup: TrialSetup) -> Any:
     return tune.with_resources(tune.with_parameters(bmtard_trial, setup=setup), DRIVER_RESOURCES)
-
-
-def checkpoint_file(checkpoint_dir: str | Path) -> Path | None:
-    """The training-state file inside a Ray Train checkpoint folder written by :mod:`bmtard_ray.ray_train`."""
-    folder = Path(checkpoint_dir)
-    preferred = folder / "checkpoint.pt"
-    if preferred.is_file():
-        return preferred
-    found = sorted(folder.glob("*.pt"))
-    return found[0] if found else None

@@ -1,0 +1,12 @@
+"""Data: datasets as uint8 tensors (:mod:`.datasets`), seeded class-balanced splits (:mod:`.splits`), crop
+and flip on the device (:mod:`.augment`), the loaders (:mod:`.loaders`) and a run's splits (:mod:`.bundle`).
+The names below are the package's public face."""
+from __future__ import annotations
+
+from bmtard_ray.data.bundle import DataBundle, prepare_data
+from bmtard_ray.data.datasets import DatasetInfo, Split, dataset_folder, dataset_info, load_dataset
+from bmtard_ray.data.loaders import BatchLoader, make_reference_loader
+from bmtard_ray.data.splits import stratified_subset, train_val_split
+
+__all__ = ["BatchLoader", "DataBundle", "DatasetInfo", "Split", "dataset_folder", "dataset_info", "load_dataset",
+           "make_reference_loader", "prepare_data", "stratified_subset", "train_val_split"]

@@ -1,0 +1,1 @@
+"""Storage: run folders and their checkpoints, on a local disk or behind a URI."""
