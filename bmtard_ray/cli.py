@@ -10,6 +10,7 @@ and exit status 2. A Ctrl-C exits with 130 and names ``--resume`` only when a ch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 from bmtard_ray.config import (RunConfig, _apply, build_config, flat_keys, from_dict, nest, parse_override,
                                preset_names, to_dict, validate)
 from bmtard_ray.names import METHOD_NAMES
-from bmtard_ray.errors import BmtardError, ConfigError
+from bmtard_ray.errors import BmtardError, ClusterLostError, ConfigError
 from bmtard_ray.storage import exists, is_uri, join, load_resume_state, resumable, run_dir_of_checkpoint
 
 # Shortcut flags -> dotted config keys.
@@ -74,6 +75,13 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         _resume_hint.clear()
         try:
             return main(argv)
+        except ClusterLostError as exc:
+            # Nothing of the lost cluster answers: end now, before Ray's shutdown waits on it (and Ray's own
+            # fatal exit prints its log line after ours).
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(ClusterLostError.EXIT_LOST)
         except BmtardError as exc:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2

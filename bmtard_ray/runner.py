@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from bmtard_ray import io
+from bmtard_ray.balance import unreachable_target
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir
 from bmtard_ray.data import prepare_data
 from bmtard_ray.events import EpochEvents
@@ -60,6 +61,8 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
     console.print(f"[bold]{cfg.name}[/bold]: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; {dataset_settings(cfg)}) "
                   f"on {trainer.device}")
+    if (note := unreachable_target(cfg.ebb, data.info.num_classes)) is not None:
+        console.print(note, style="yellow", soft_wrap=True, markup=False)
     try:
         trainer.fit()
     finally:
