@@ -164,6 +164,8 @@ def resume_advice(run_dir: str, *, created: bool, keep: int, command: str) -> st
     if created and not is_uri(run_dir) and Path(run_dir).exists():
         remove_run(run_dir)
         return f"no checkpoint had been written, so {run_dir} was removed: start the run again"
+    if command == "run_tune.py":
+        return f"{run_dir} holds no saved search state yet: start the search again with --overwrite"
     return f"{run_dir} holds no checkpoint to resume from: start the run again"
 
 

@@ -226,8 +226,11 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
                      overwrite=True, worker_hook=None, own_folder=False, **common)
 
         with watch:
+            given = to_dict(cfg)["teachers"]
             cfg = ensure_teachers(cfg, train_teacher,
                                   log=lambda s: console.print(Text(s, style="bold"), soft_wrap=True))
+            if to_dict(cfg)["teachers"] != given:  # the cache's teacher files, now named: on every node too
+                preflight_nodes(cfg, scaling, [])
             summary = fit_run(cfg, scaling, storage=storage, resume_from=resume_from, resume=resume is not None,
                                overwrite=overwrite, worker_hook=worker_hook, **common)
     except ClusterLostError:

@@ -32,6 +32,7 @@ from rich.console import Console
 
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.tuning.settings import CLUSTER_FILE, SETTINGS_FILE, read_settings_file
+from bmtard_ray.tuning.study_lock import check_unlocked
 
 RUN_CONFIG = "config.yaml"                      # written at the start of every run_train.py run
 DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
@@ -93,6 +94,8 @@ def target_of(folder: Path) -> Target:
         if db is not None and not db.is_file():
             raise ConfigError(f"--review: {folder} holds no Optuna study yet ({db} is missing: the search has not "
                               "created its trials)")
+        if db is not None:
+            check_unlocked(db, write=False, what="--review")
         return Target(folder, "experiment", settings.storage_url, settings.study_name, ray_candidates(folder))
     if (folder / RUN_CONFIG).is_file():
         return Target(folder, "run", ray_candidates=ray_candidates(folder))
