@@ -2,7 +2,9 @@
 
 Configuration errors are found here, before any worker starts or any file is written; every
 :class:`~bmtard_ray.errors.BmtardError` (and any ``OSError`` that reaches here) becomes ``error: <one line>``
-and exit status 2. A Ctrl-C exits with 130 and names ``--resume`` only when a checkpoint exists to resume.
+and exit status 2. A Ctrl-C exits with 130 and names ``--resume`` only when a checkpoint exists to resume. A
+run that loses its Ray cluster (:class:`~bmtard_ray.errors.ClusterLostError`) prints its one line, with the
+``--resume`` command, and ends at once with status 3.
 
 ``--resume`` continues the run that is there: the saved config defines what is trained, and only the keys of
 :data:`RESUME_KEYS` (more epochs, where and how fast it runs, validation and checkpoint cadence) may change.
