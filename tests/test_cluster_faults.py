@@ -138,3 +138,39 @@ def test_losing_the_head_ends_the_run_with_one_line_and_a_resume_command_that_wo
                              env=driver_env(""), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert column(run, "epoch") == list(range(1, epochs + 1))  # every epoch exactly once
+
+
+@pytest.mark.slow
+def test_losing_the_head_ends_a_search_with_one_line_and_its_resume_command_that_works(
+        tmp_path: Path, cifar_root: Path) -> None:
+    import pyarrow.parquet as pq
+
+    exp = tmp_path / "runs" / "smoke"
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with local_cluster({"resources": {"head": 1}}, {}, connect=False) as cluster:
+        argv = [sys.executable, str(REPO / "run_tune.py"), "--smoke-test", "--data-root", str(cifar_root),
+                "--output-dir", str(tmp_path / "runs"), "--quiet", "--num-samples", "2", "--max-concurrent", "2",
+                "--scheduler", "fifo", "--final-attacks", "clean", "--final-examples", "64",
+                "--address", cluster.address]
+        with open(out, "w") as o, open(err, "w") as e:
+            proc = subprocess.Popen(argv, env=driver_env(cluster.address), cwd=tmp_path, stdout=o, stderr=e, text=True)
+        try:
+            deadline = time.monotonic() + 420
+            while not (any(exp.glob("train/*/checkpoint_epoch*")) and any(exp.glob("experiment_state-*.json"))):
+                assert proc.poll() is None, (err.read_text()[-3000:], out.read_text()[-2000:])
+                assert time.monotonic() < deadline, "no trial checkpoint"
+                time.sleep(0.5)
+            assert len(kill_head(cluster)) == 2
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    line = one_line_end(proc, out.read_text(), err.read_text(), 3)
+    assert line.startswith("error: lost the Ray cluster"), line
+    assert f"continue with `python run_tune.py --resume {exp}`" in line, line
+    resumed = subprocess.run([sys.executable, str(REPO / "run_tune.py"), "--resume", str(exp), "--num-cpus", "2"],
+                             env=driver_env(""), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stderr[-3000:], resumed.stdout[-2000:])
+    rows = pq.read_table(exp / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
