@@ -45,7 +45,8 @@ def one_line_end(proc: subprocess.CompletedProcess[str] | Any, out: str, err: st
 
 def others(err: str) -> list[str]:
     """stderr without Ray's own two lines when the driver joins a cluster ('Connecting to', 'Connected to')."""
-    return [ln for ln in err.strip().splitlines() if ln.strip() and not re.search(r"\sINFO worker\.py:\d+ -- Connect", ln)]
+    joining = re.compile(r"\sINFO worker\.py:\d+ -- Connect")
+    return [ln for ln in err.strip().splitlines() if ln.strip() and not joining.search(ln)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -59,9 +59,11 @@ def preflight_nodes(cfg: RunConfig, scaling: ScalingOptions, writable: Sequence[
     nodes = sorted(n["NodeID"] for n in ray.nodes() if hosts_a_worker(n, scaling))
     task = ray.remote(num_cpus=0, max_retries=0)(node_problem)
     cfg_dict = to_dict(cfg)
-    refs = {task.options(name="bmtard_node_preflight",
-                         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(cfg_dict, writable)
-            : node for node in nodes}
+    refs = {}
+    for node in nodes:
+        pinned = task.options(name="bmtard_node_preflight",
+                              scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        refs[pinned.remote(cfg_dict, writable)] = node
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     problems = []
     for ref in ready:

@@ -145,8 +145,9 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
             result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.describe()} worker(s))",
                                    listeners=[events] if events else [])
     except BaseException as exc:
-        lost = lost_error(exc, gcs_address=gcs_of(), watch=watch, run_dir=run_dir, created=not resume
-                          and resume_from is None, keep=keep_checkpoints, command="run_train.py") if own_folder else None
+        lost = lost_error(exc, gcs_address=gcs_of(), watch=watch, run_dir=run_dir,
+                          created=not resume and resume_from is None, keep=keep_checkpoints,
+                          command="run_train.py") if own_folder else None
         if lost is not None:
             raise lost from None
         err = not_placed(exc, scaling) if isinstance(exc, Exception) else None

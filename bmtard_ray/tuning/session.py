@@ -102,9 +102,9 @@ def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, args: argp
     resolve_gpus(settings, resources, cfg.device)
     n_concurrent = max_concurrent_trials(resources, settings)
     # Every node that could host a trial's worker reads the data and teachers and writes the experiment folder.
-    preflight_nodes(cfg, ScalingOptions(num_workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker,
-                                        gpus_per_worker=settings.gpus_per_worker or 0.0),
-                    writable_paths(settings, cfg, teachers_to_train(cfg, space)))
+    trial_scaling = ScalingOptions(num_workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker,
+                                   gpus_per_worker=settings.gpus_per_worker or 0.0)
+    preflight_nodes(cfg, trial_scaling, writable_paths(settings, cfg, teachers_to_train(cfg, space)))
     if args.overwrite and exp.exists():
         shutil.rmtree(exp)
     cfg = prepare_teachers(cfg, space, settings, console)  # Ray tasks, one trial worker's resources each
