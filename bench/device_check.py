@@ -244,17 +244,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.budget > 0:
         print(f"error: --budget must be a positive number of seconds, got {args.budget}", file=sys.stderr)
         return 2
+    # The outputs first: a bad --out is named before the GPU check and before any part runs.
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} exists and is not a folder", file=sys.stderr)
+        return 2
+    from bmtard_ray.errors import ConfigError
+    from bmtard_ray.launch.preflight import probe_writable
+
+    try:
+        probe_writable(out, "--out")  # a real write probe in the nearest existing folder; leaves nothing
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.dry_run:
         import torch
 
         if not torch.cuda.is_available():
             print("error: no CUDA GPU is visible; use --dry-run to run every part on the CPU", file=sys.stderr)
             return 2
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"error: --out {out} exists and is not a folder", file=sys.stderr)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out {out} cannot be created ({exc.strerror or exc})", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     return Check(args).run(parts)
 
 

@@ -46,3 +46,12 @@ class CheckpointError(BmtardError):
 
 class ClusterError(BmtardError):
     """The Ray cluster cannot give a run what it needs in time (e.g. its workers cannot be placed)."""
+
+
+class ClusterLostError(ClusterError):
+    """The run lost its Ray cluster (the head, or the driver's connection to it) while it ran.
+
+    The command line prints it as one line and ends the process at once (``EXIT_LOST``): nothing of Ray's that
+    could still be shut down answers, and a wait for it would end in Ray's own fatal exit instead."""
+
+    EXIT_LOST = 3

@@ -33,9 +33,12 @@ def node_ports() -> dict[str, int]:
 
 
 @contextmanager
-def local_cluster(*nodes: dict[str, Any]) -> Iterator[Any]:
+def local_cluster(*nodes: dict[str, Any], connect: bool = True) -> Iterator[Any]:
     """A Cluster whose first node is the head (with the dashboard: the State API lives there), the driver
-    connected to it, RAY_ADDRESS pointing at it (Ray Train's helpers find the cluster through it)."""
+    connected to it, RAY_ADDRESS pointing at it (Ray Train's helpers find the cluster through it).
+
+    ``connect=False``: this process stays out of it (a test that kills the head must not be connected: Ray
+    ends a process whose GCS stays away, and that would be pytest)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -56,7 +59,8 @@ def local_cluster(*nodes: dict[str, Any]) -> Iterator[Any]:
             add_node(cluster, **extra)
         cluster.wait_for_nodes()
         os.environ["RAY_ADDRESS"] = cluster.address
-        ray.init(address=cluster.address, log_to_driver=False)
+        if connect:
+            ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:
         ray.shutdown()
@@ -77,9 +81,11 @@ def add_node(cluster: Any, **extra: Any) -> Any:
 
 
 @contextmanager
-def node_without(folder: Path, gcs_address: str, log: Path, resources: dict[str, float]) -> Iterator[subprocess.Popen]:
+def node_without(folder: Path, gcs_address: str, log: Path, resources: dict[str, float],
+                 read_only: bool = False) -> Iterator[subprocess.Popen]:
     """Join ``gcs_address`` with one more 1-CPU node on which ``folder`` is an empty tmpfs (its own mount
-    namespace), until the block ends; the node is stopped by its process group id."""
+    namespace; ``read_only``: mounted read-only), until the block ends; the node is stopped by its process
+    group id."""
     import ray
 
     ray_cli = Path(sys.executable).parent / "ray"
@@ -89,8 +95,9 @@ def node_without(folder: Path, gcs_address: str, log: Path, resources: dict[str,
              "--node-manager-port", free_port(), "--object-manager-port", free_port(),
              "--dashboard-agent-listen-port", free_port(), "--dashboard-agent-grpc-port", free_port(),
              "--metrics-export-port", free_port(), "--runtime-env-agent-port", free_port()]
-    script = (f"mount -t tmpfs bmtard-empty {shlex.quote(str(folder))} && exec {shlex.quote(str(ray_cli))} start "
-              + " ".join(shlex.quote(str(f)) for f in flags))
+    options = "-o ro " if read_only else ""
+    script = (f"mount -t tmpfs {options}bmtard-empty {shlex.quote(str(folder))} "
+              f"&& exec {shlex.quote(str(ray_cli))} start " + " ".join(shlex.quote(str(f)) for f in flags))
     out = open(log, "w")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -126,3 +133,19 @@ def alive_train_worker_nodes() -> list[str]:
     actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=1000,
                          raise_on_missing_output=False)
     return [a.node_id for a in actors]
+
+
+def kill_head(cluster: Any) -> list[int]:
+    """SIGKILL the head node's GCS server and raylet (by process id): the head is lost as if its machine went.
+    Returns the process ids killed."""
+    from ray._private import ray_constants
+
+    killed = []
+    for kind in (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET):
+        for info in cluster.head_node.all_processes.get(kind, []):
+            try:
+                os.kill(info.process.pid, signal.SIGKILL)
+                killed.append(info.process.pid)
+            except ProcessLookupError:
+                pass
+    return killed

@@ -163,3 +163,15 @@ def test_staged_cifar_copy_rebuilds_the_same_labels(tmp_path: Path, cifar_root: 
     assert 0 < diff < 10
     with pytest.raises(device_data.DeviceDataError, match="missing"):
         device_data.rebuild(tmp_path / "nothing", tmp_path / "built2", timeout=10)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_unwritable_out_is_named_in_one_line_before_anything_else(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    dry_run: bool) -> None:
+    """Under a regular file (as root, chmod stops no write): the path is named before the GPU check and any part."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sub" / "out"
+    assert device_check.main(["--out", str(out)] + (["--dry-run"] if dry_run else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {out} cannot be created: {tmp_path / 'file'} is a file, not a folder"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

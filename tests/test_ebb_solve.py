@@ -367,3 +367,15 @@ def test_unequal_shards_are_padded_gathered_and_solved_as_the_whole_batch(tmp_pa
     # One process: the rows themselves, all real.
     rows, mask = local_rows(z_adv)
     assert rows is z_adv and mask.all()
+
+
+def test_an_absolute_target_at_or_above_log_k_is_said_to_be_unreachable_once_at_the_start() -> None:
+    from bmtard_ray.config import EBBConfig
+    from bmtard_ray.training.balance import unreachable_target
+
+    note = unreachable_target(EBBConfig(mode="solve", target_entropy=3.0, tau_max=5.0), 10)
+    assert note is not None and "ebb.target_entropy=3 nats can never be reached" in note and "log K = 2.303" in note
+    assert "ebb.tau_max=5" in note and "\n" not in note
+    assert unreachable_target(EBBConfig(mode="solve", target_entropy=2.0), 10) is None           # below log 10
+    assert unreachable_target(EBBConfig(mode="step", target_entropy=3.0), 10) is None            # step: no solve
+    assert unreachable_target(EBBConfig(mode="solve", target_entropy=0.9, target_mode="fraction"), 10) is None

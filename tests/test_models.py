@@ -352,7 +352,7 @@ def test_wrappers_and_prefixes_are_unwrapped(tmp_path: Path, wrap: str) -> None:
         "nested": {"model": {"state_dict": {f"module.{k}": v for k, v in sd.items()}}},
         "module": {f"module.{k}": v for k, v in sd.items()},
         "compiled": {f"module._orig_mod.{k}": v for k, v in sd.items()},
-        # this package's own model record (bmtard_ray.loop.model_record)
+        # this package's own model record (bmtard_ray.models.files.model_record)
         "record": {"format": "bmtard_ray.model/1", "arch": "tiny_cnn", "num_classes": 10, "mean": None,
                    "state_dict": sd, "config": {"seed": 0, "optim": {"lr": 0.1}}},
     }[wrap]

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -142,3 +143,35 @@ def test_review_of_a_training_run_serves_tensorboard_only_and_bind_all_warns(tmp
         assert {"validation/val_w_robust", "balance/tau_adv"} <= set(tags["."])  # type: ignore[index]
     finally:
         stop_review(proc, [tb_url])
+
+
+def hold_exclusive_lock(db: Path) -> subprocess.Popen[str]:
+    """Another process inside ``BEGIN EXCLUSIVE`` on ``db`` until it is killed (prints 'locked' once it is)."""
+    code = ("import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.mark.parametrize("how", ["--review", "--resume"])
+def test_a_study_database_another_process_holds_locked_is_one_line_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str) -> None:
+    import shutil
+
+    exp = tmp_path / "demo"
+    make_experiment(exp)
+    shutil.copyfile(REPO / "search_spaces" / "smoke.yaml", exp / "space.yaml")
+    holder = hold_exclusive_lock(exp / "optuna.db")
+    try:
+        start = time.monotonic()
+        assert tune_main([how, str(exp)]) == 2
+        elapsed = time.monotonic() - start
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {how}: the Optuna study database {exp / 'optuna.db'} is locked by another "
+                          "process (SQLite refused ") and err.count("\n") == 1, err
+    assert "database is locked" in err and elapsed < 30, (err, elapsed)

@@ -3,16 +3,18 @@ wrapper that turns user errors into one line and an exit status.
 
 Every :class:`~bmtard_ray.errors.BmtardError` (and any ``OSError`` that reaches a tool) becomes
 ``error: <one line>`` and exit status 2; a Ctrl-C exits with 130 and names ``--resume`` only when a
-checkpoint exists to resume.
+checkpoint exists to resume. A run that loses its Ray cluster (:class:`~bmtard_ray.errors.ClusterLostError`)
+prints its one line, with the ``--resume`` command, and ends at once with status 3.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from bmtard_ray.config import RunConfig, build_config, preset_names
-from bmtard_ray.errors import BmtardError
+from bmtard_ray.errors import BmtardError, ClusterLostError
 from bmtard_ray.names import METHOD_NAMES
 
 # Shortcut flags -> dotted config keys.
@@ -82,6 +84,13 @@ def guarded(main: Main, interrupted: str = NOTHING_TO_RESUME) -> Main:
         _resume_hint.clear()
         try:
             return main(argv)
+        except ClusterLostError as exc:
+            # Nothing of the lost cluster answers: end now, before Ray's shutdown waits on it (and Ray's own
+            # fatal exit prints its log line after ours).
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(ClusterLostError.EXIT_LOST)
         except BmtardError as exc:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2

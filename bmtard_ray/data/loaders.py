@@ -33,7 +33,7 @@ class BatchLoader:
     is int64. ``batch_size`` is the GLOBAL batch. What global batch k of an epoch holds does not depend on
     the world size: the epoch's permutation comes from a CPU generator seeded with (seed, epoch) and its
     crops and flips are drawn per global batch from another seeded with (seed, epoch); rank r then takes
-    its contiguous slice of every global batch (:func:`~bmtard_ray.dist.shard_range`: the remainder of an
+    its contiguous slice of every global batch (:func:`~bmtard_ray.runtime.dist.shard_range`: the remainder of an
     uneven split goes to the lowest ranks). So 1, 2 or 3 workers see the same images, augmented alike,
     and a run can change its world size between checkpoints (elastic runs) without changing its data.
     With ``drop_last`` the tail that does not fill a global batch is dropped; otherwise the last global

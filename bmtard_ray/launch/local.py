@@ -18,6 +18,7 @@ from bmtard_ray.launch.events import EpochEvents
 from bmtard_ray.launch.preflight import check_batches, probe_all
 from bmtard_ray.storage import checkpoints
 from bmtard_ray.storage.run_folder import check_run_folder, write_config
+from bmtard_ray.training.balance import unreachable_target
 from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
 from bmtard_ray.training.trainer import Trainer
 
@@ -61,6 +62,8 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; "
                   f"{dataset_settings(cfg)}) "
                   f"on {trainer.device}")
+    if (note := unreachable_target(cfg.ebb, data.info.num_classes)) is not None:
+        console.print(note, style="yellow", soft_wrap=True, markup=False)
     try:
         trainer.fit()
     finally:

@@ -88,9 +88,14 @@ def join_cluster(target: str) -> None:
     """The one way into an existing cluster, for run_train.py and run_tune.py alike: a TCP check first (a
     dead address otherwise retries for minutes), then ``ray.init``; what goes wrong is one line."""
     check_reachable(target)
+    from bmtard_ray.ray_train.lost import bound_gcs_wait
+
+    bound_gcs_wait()  # a head that dies later must not hold this driver for Ray's default minute
     try:
-        # Joining a cluster: its resources are what they are, so no counts are passed.
-        ray.init(address=target, log_to_driver=True)
+        # Joining a cluster: its resources are what they are, so no counts are passed. Workers' output stays
+        # in the cluster's logs (and a failed worker's text in the run's error log): the driver prints the
+        # one-line cause, not every worker's traceback.
+        ray.init(address=target, log_to_driver=False)
     except (ConnectionError, TimeoutError) as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {target}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # AuthenticationError and friends: one line, with the usual fix

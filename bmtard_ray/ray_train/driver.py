@@ -14,12 +14,15 @@ from rich.console import Console
 from rich.text import Text
 
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir, to_dict
-from bmtard_ray.data import prepare_data
-from bmtard_ray.errors import BmtardError, CheckpointError, ConfigError, find_cause
+from bmtard_ray.data import dataset_info, prepare_data
+from bmtard_ray.errors import BmtardError, CheckpointError, ClusterLostError, ConfigError, find_cause
 from bmtard_ray.launch.console import print_summary
 from bmtard_ray.launch.events import EpochEvents
 from bmtard_ray.launch.preflight import check_batches, probe_all
-from bmtard_ray.ray_train.cluster import check_resources, connect, stop_local_ray
+from bmtard_ray.ray_train.cluster import check_resources, cluster_address, connect, stop_local_ray
+from bmtard_ray.ray_train.error_log import write_error_log
+from bmtard_ray.ray_train.lost import GcsWatch, exit_lost, gcs_answers, lost_error, resume_advice, what_was_lost
+from bmtard_ray.ray_train.node_preflight import preflight_nodes
 from bmtard_ray.ray_train.placement import failure_config, not_placed, placement_deadline
 from bmtard_ray.ray_train.scaling import ScalingOptions
 from bmtard_ray.ray_train.view import EpochView, ForwardToDriver, pump
@@ -27,6 +30,7 @@ from bmtard_ray.ray_train.worker import train_loop_per_worker
 from bmtard_ray.storage import checkpoints
 from bmtard_ray.storage.paths import is_uri, join
 from bmtard_ray.storage.run_folder import absolute_paths, check_run_folder, write_config
+from bmtard_ray.training.balance import unreachable_target
 from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
 
 
@@ -72,6 +76,7 @@ def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title
     # lost node) must not take the driver's view with it. Hard affinity: a soft one was seen to land on
     # another node of a 2-node test cluster, which then took the queue (and the run) with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    gcs = ray.get_runtime_context().gcs_address
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer.run_config.callbacks.append(ForwardToDriver(queue))
     stop = threading.Event()
@@ -82,13 +87,16 @@ def fit_with_view(trainer: TorchTrainer, cfg: RunConfig, console: Console, title
             return trainer.fit()
         except Exception as exc:
             err = user_error(exc)
-            if err is not None:
-                raise type(err)(str(err)) from None
+            if err is not None:  # one line; Ray's full text of it (tracebacks, node) in the run's error log
+                where = write_error_log(exc, join(str(trainer.run_config.storage_path), str(trainer.run_config.name)),
+                                        str(trainer.run_config.name))
+                raise type(err)(f"{err} (the workers' error text: {where})") from None
             raise
         finally:
             stop.set()
             pumper.join(timeout=10)
-            queue.shutdown()
+            if gcs_answers(gcs):  # a call to a dead GCS would hold the driver until Ray ends it
+                queue.shutdown()
 
 
 def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
@@ -105,9 +113,17 @@ def check_before_start(cfg: RunConfig, scaling: ScalingOptions) -> None:
                           "runs), not URIs")
 
 
+def gcs_of() -> str | None:
+    """The connected cluster's GCS address (None when Ray is not connected)."""
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+
+
 def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_from: Path | None, resume: bool,
              overwrite: bool, failure_max: int, keep_checkpoints: int, console: Console,
-             worker_hook: dict[str, Any] | None) -> dict[str, Any]:
+             worker_hook: dict[str, Any] | None, watch: GcsWatch | None = None,
+             own_folder: bool = True) -> dict[str, Any]:
+    """One Ray Train run into ``<storage>/<cfg.name>``. ``own_folder``: a loss of the cluster is reported with
+    this folder's --resume command (a teacher's run leaves that to :func:`run_ray`)."""
     run_dir = join(storage, cfg.name)
     check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     if resume and resume_from is None and checkpoints.latest_ray(run_dir) is None:
@@ -123,6 +139,8 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
                   f"{scaling.describe()} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
                   f"{scaling.placement_strategy.lower()}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
+    if (note := unreachable_target(cfg.ebb, dataset_info(cfg.data.dataset).num_classes)) is not None:
+        console.print(note, style="yellow", soft_wrap=True, markup=False)
     # TensorBoard events in the run folder, written here on the driver from rank 0's reports (a storage
     # URI gets none: tensorboardX writes local files).
     events = None if is_uri(run_dir) else EpochEvents(run_dir, fresh=not resume and resume_from is None)
@@ -130,8 +148,13 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
         with placement_deadline(scaling):
             result = fit_with_view(trainer, cfg, console, f"{cfg.name} ({scaling.describe()} worker(s))",
                                    listeners=[events] if events else [])
-    except Exception as exc:
-        err = not_placed(exc, scaling)
+    except BaseException as exc:
+        lost = lost_error(exc, gcs_address=gcs_of(), watch=watch, run_dir=run_dir,
+                          created=not resume and resume_from is None, keep=keep_checkpoints,
+                          command="run_train.py") if own_folder else None
+        if lost is not None:
+            raise lost from None
+        err = not_placed(exc, scaling) if isinstance(exc, Exception) else None
         if err is not None:
             raise err from None
         raise
@@ -177,23 +200,52 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
               + ([(teacher_cache_dir(cfg), "teacher cache")] if roles_to_train(cfg) else []))
     check_before_start(cfg, scaling)
     started = connect(address, **ray_init)
+    lost = False
+    # On a joined cluster the head can go while the run trains: watch its GCS (see lost.py).
+    gcs = gcs_of() if started and cluster_address(address) else None
+
+    def report_lost() -> None:  # from the watch's thread, before Ray's own exit
+        exit_lost(ClusterLostError(f"{what_was_lost(gcs, watched=True)}; " + resume_advice(
+            join(storage, cfg.name), created=resume is None, keep=keep_checkpoints, command="run_train.py")))
+
+    watch = GcsWatch(gcs, report_lost)
     try:
         scaling = scaling.resolved(cfg, ray.nodes())
         check_resources(scaling)
-        common: dict[str, Any] = dict(failure_max=failure_max, keep_checkpoints=keep_checkpoints, console=console)
+        # Every node that could host a worker reads the inputs and writes the folders, before anything is written.
+        preflight_nodes(cfg, scaling, [(join(storage, cfg.name), "run folder")]
+                        + ([(teacher_cache_dir(cfg), "teacher cache")] if roles_to_train(cfg) else []))
+        common: dict[str, Any] = dict(failure_max=failure_max, keep_checkpoints=keep_checkpoints, console=console,
+                                      watch=watch)
 
         def train_teacher(tcfg: RunConfig) -> None:
             # Teachers train through Ray too (a big teacher wants the same GPUs), into the shared cache.
             # An interrupted teacher run with a checkpoint continues; anything else there is replaced.
             resumable = checkpoints.latest_ray(join(tcfg.output_dir, tcfg.name)) is not None
             fit_run(absolute_paths(tcfg), scaling, storage=tcfg.output_dir, resume_from=None, resume=resumable,
-                     overwrite=True, worker_hook=None, **common)
+                     overwrite=True, worker_hook=None, own_folder=False, **common)
 
-        cfg = ensure_teachers(cfg, train_teacher, log=lambda s: console.print(Text(s, style="bold"), soft_wrap=True))
-        summary = fit_run(cfg, scaling, storage=storage, resume_from=resume_from, resume=resume is not None,
-                           overwrite=overwrite, worker_hook=worker_hook, **common)
+        with watch:
+            given = to_dict(cfg)["teachers"]
+            cfg = ensure_teachers(cfg, train_teacher,
+                                  log=lambda s: console.print(Text(s, style="bold"), soft_wrap=True))
+            if to_dict(cfg)["teachers"] != given:  # the cache's teacher files, now named: on every node too
+                preflight_nodes(cfg, scaling, [])
+            summary = fit_run(cfg, scaling, storage=storage, resume_from=resume_from, resume=resume is not None,
+                               overwrite=overwrite, worker_hook=worker_hook, **common)
+    except ClusterLostError:
+        lost = True
+        raise
+    except BaseException as exc:
+        # Lost while a teacher trained: the teacher continues from its own checkpoint when the run starts again.
+        err = lost_error(exc, gcs_address=gcs_of(), watch=watch, run_dir=join(storage, cfg.name),
+                         created=resume is None, keep=keep_checkpoints, command="run_train.py")
+        lost = err is not None
+        if err is not None:
+            raise err from None
+        raise
     finally:
-        if started:
+        if started and not (lost and gcs):  # a lost cluster's shutdown would wait on it
             stop_local_ray()
     if summary.get("results"):
         print_summary(summary, console)

@@ -4,7 +4,7 @@ The driver checks them on its own node; on a multi-node cluster a worker lands o
 same paths may not exist (a data folder copied to the head only, a teacher cache on the head's local disk).
 Without this check the worker fails deep inside loading with a traceback, or, with retries, seems to hang.
 It runs on every worker at start-up and raises a one-line error naming the node and the path, which the
-driver finds through Ray's wrappers (:func:`bmtard_ray.ray_train.run.user_error`).
+driver finds through Ray's wrappers (:func:`bmtard_ray.ray_train.driver.user_error`).
 """
 from __future__ import annotations
 

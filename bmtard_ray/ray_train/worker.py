@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         torch.cuda.set_device(device)
     dist = DistContext()  # the process group Ray Train initialised (gloo on CPU, nccl on GPU)
 
+    gcs = ray.get_runtime_context().gcs_address
+
     def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        orphaned_stop(gcs)  # a worker whose cluster is gone writes no checkpoint the driver cannot know of
         metrics = _jsonable(metrics)
         if checkpoint is None or rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -120,6 +125,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if dist.is_main:
             paths.upload_dir(Path(tmp), run_dir)
     return summary
+
+
+def orphaned_stop(gcs: str, patience_s: float = 5.0) -> None:
+    """End this worker when its cluster's GCS has not answered for ``patience_s`` (the head is lost).
+
+    Such a worker would otherwise train on until its node notices (up to a minute), writing checkpoints into
+    the run folder after the driver has reported the loss and held the folder to ``--keep-checkpoints``. One
+    TCP connection per report (an epoch, or ``checkpoint_every_iters``): microseconds on a live cluster."""
+    from bmtard_ray.ray_train.lost import gcs_answers
+
+    deadline = time.monotonic() + patience_s
+    while not gcs_answers(gcs, timeout_s=1.0):
+        if time.monotonic() > deadline:
+            os._exit(1)
+        time.sleep(0.5)
 
 
 def _quiet_ray_train_worker() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,49 @@ def resumable(run_dir: str | Path) -> bool:
 def held(run_dir: str) -> list[str]:
     """The checkpoint files (ours, Ray's snapshot) that ``run_dir`` holds: a run lives there."""
     return [name for name in (FILE, RAY_SNAPSHOT) if exists(join(run_dir, name))]
+
+
+def snapshot_names(run_dir: Path) -> set[str]:
+    """The checkpoint folders Ray's own snapshot names (Ray refuses to resume if one of them is missing)."""
+    try:
+        state = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return set()
+    results: list[Any] = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result"),
+                          *state.get("pending_training_results", [])]
+    return {r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and r.get("checkpoint_dir_name")}
+
+
+def is_good(folder: Path) -> bool:
+    """A checkpoint folder whose file is whole: it loads (a copy cut short by a dying node does not)."""
+    file = folder / FILE
+    if not file.is_file():
+        return False
+    try:
+        state = fileio.safe_load(file)
+    except Exception:  # noqa: BLE001 - any failure to load means: not a checkpoint to continue from
+        return False
+    return isinstance(state, dict) and "epoch" in state
+
+
+def prune(run_dir: str, keep: int) -> list[str]:
+    """Hold a run folder (one a lost cluster left, say) to the newest ``keep`` good checkpoint folders (names sort in
+    training order), keeping also every folder Ray's snapshot still names; removes the rest (older ones the
+    controller had no time to delete, copies cut short). Returns the removed folders' names."""
+    if is_uri(run_dir) or not Path(run_dir).is_dir():
+        return []
+    folder = Path(run_dir)
+    found = sorted(p for p in folder.glob(f"{FOLDER_PREFIX}*") if p.is_dir())
+    good: list[str] = []
+    for p in reversed(found):
+        if len(good) == keep:
+            break
+        if is_good(p):
+            good.append(p.name)
+    kept = set(good) | snapshot_names(folder)
+    removed = []
+    for p in found:
+        if p.name not in kept:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed

@@ -17,6 +17,21 @@ from bmtard_ray.config import EBBConfig, NLBConfig
 from bmtard_ray.training.entropy_solve import solve_equalised, solve_temperatures
 
 
+def unreachable_target(cfg: EBBConfig, num_classes: int) -> str | None:
+    """The note a run prints once at its start when ``mode: solve`` is given an absolute target entropy that
+    no temperature reaches: a mean entropy stays below log K (a uniform prediction's) at every finite
+    temperature, so the solve clips every teacher's temperature at ``tau_max`` on every iteration."""
+    if not (cfg.enabled and cfg.mode == "solve" and cfg.target_mode == "absolute" and cfg.target_entropy is not None):
+        return None
+    ceiling = math.log(num_classes)
+    if cfg.target_entropy < ceiling:
+        return None
+    return (f"note: ebb.target_entropy={cfg.target_entropy:g} nats can never be reached: a teacher's entropy stays "
+            f"below log K = {ceiling:.4g} ({num_classes} classes) at any temperature, so ebb.mode=solve holds both "
+            f"temperatures at ebb.tau_max={cfg.tau_max:g} throughout (give a target below log K, or "
+            "ebb.target_mode=fraction)")
+
+
 class EntropyBalance:
     """Per-iteration sign step on the teachers' temperatures (docs/algorithm.md §2.4, generalised in §5.1).
 

@@ -33,6 +33,7 @@ from rich.console import Console
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.storage.run_folder import CONFIG_FILE
 from bmtard_ray.tuning.settings import CLUSTER_FILE, SETTINGS_FILE, read_settings_file
+from bmtard_ray.tuning.study_lock import check_unlocked
 
 DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
 START_TIMEOUT_S = 180.0                         # TensorBoard takes tens of seconds on a busy 2-core machine
@@ -93,6 +94,8 @@ def target_of(folder: Path) -> Target:
         if db is not None and not db.is_file():
             raise ConfigError(f"--review: {folder} holds no Optuna study yet ({db} is missing: the search has not "
                               "created its trials)")
+        if db is not None:
+            check_unlocked(db, write=False, what="--review")
         return Target(folder, "experiment", settings.storage_url, settings.study_name, ray_candidates(folder))
     if (folder / CONFIG_FILE).is_file():
         return Target(folder, "run", ray_candidates=ray_candidates(folder))

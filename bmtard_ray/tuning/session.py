@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,15 @@ from bmtard_ray.data import prepare_data
 from bmtard_ray.launch.preflight import check_batches, probe_all
 from bmtard_ray.names import teacher_roles
 from bmtard_ray.ray_train import cluster
+from bmtard_ray.ray_train.node_preflight import preflight_nodes
+from bmtard_ray.ray_train.scaling import ScalingOptions
 from bmtard_ray.runtime import fileio
 from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
 from bmtard_ray.tuning import experiment
+from bmtard_ray.tuning.review import sqlite_file
 from bmtard_ray.tuning.settings import CLUSTER_FILE, TuneSettings, max_concurrent_trials, resolve_gpus
 from bmtard_ray.tuning.space import SearchSpace
+from bmtard_ray.tuning.study_lock import check_unlocked
 from bmtard_ray.tuning.teacher_task import train_teacher_on_cluster
 from bmtard_ray.tuning.trials import trial_methods
 
@@ -107,20 +112,25 @@ def start(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, launch: La
           console: Console) -> tuple[experiment.Outcome, TuneSettings]:
     """After :func:`preflight`: teachers, then Ray (unless joined already), then the Tuner."""
     exp = Path(settings.experiment_dir)
-    if launch.overwrite and exp.exists():
-        shutil.rmtree(exp)
     if not cluster.cluster_address(launch.address):
         launch.connect()
     resources = cluster.cluster_resources()
     resolve_gpus(settings, resources, cfg.device)
     n_concurrent = max_concurrent_trials(resources, settings)
+    # Every node that could host a trial's worker reads the data and teachers and writes the experiment folder.
+    trial_scaling = ScalingOptions(num_workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker,
+                                   gpus_per_worker=settings.gpus_per_worker or 0.0)
+    preflight_nodes(cfg, trial_scaling, writable_paths(settings, cfg, teachers_to_train(cfg, space)))
+    if launch.overwrite and exp.exists():
+        shutil.rmtree(exp)
     cfg = prepare_teachers(cfg, space, settings, console)  # Ray tasks, one trial worker's resources each
     settings.base_config = to_dict(cfg)
     experiment.write_settings(settings, Path(space.source))
     record_dashboard(exp)
     console.print(f"experiment folder: {exp}")
-    outcome = experiment.run(settings, space, resume=False, console=console, verbose=0 if launch.quiet else 1,
-                             n_concurrent=n_concurrent)
+    outcome = run_watched(exp, launch, lambda: experiment.run(settings, space, resume=False, console=console,
+                                                              verbose=0 if launch.quiet else 1,
+                                                              n_concurrent=n_concurrent))
     return outcome, settings
 
 
@@ -136,7 +146,36 @@ def resume(exp: Path, launch: Launch, console: Console, *, final_attacks: str | 
         settings.top = top
     settings.validate()
     probe_all(writable_paths(settings, from_dict(settings.base_config), []))
+    db = sqlite_file(settings.storage_url)
+    if db is not None:  # before Ray starts: a search that cannot write its study says so in one line
+        check_unlocked(db, write=True, what="--resume")
     launch.connect()
     record_dashboard(Path(settings.experiment_dir))
-    outcome = experiment.run(settings, space, resume=True, console=console, verbose=0 if launch.quiet else 1)
+    outcome = run_watched(Path(settings.experiment_dir), launch, lambda: experiment.run(
+        settings, space, resume=True, console=console, verbose=0 if launch.quiet else 1))
     return outcome, settings
+
+
+def run_watched(exp: Path, launch: Launch, run: Callable[[], experiment.Outcome]) -> experiment.Outcome:
+    """``run()`` (the Tuner) on a joined cluster whose head may be lost meanwhile: the search then ends in one
+    line with its ``--resume`` command (Tune's state is saved as the search goes), see ray_train/lost.py."""
+    import ray
+
+    from bmtard_ray.errors import ClusterLostError
+    from bmtard_ray.ray_train.lost import GcsWatch, exit_lost, lost_error, resume_advice, what_was_lost
+
+    gcs = ray.get_runtime_context().gcs_address if cluster.cluster_address(launch.address) else None
+
+    def report_lost() -> None:
+        exit_lost(ClusterLostError(f"{what_was_lost(gcs, watched=True)}; "
+                                   + resume_advice(str(exp), created=False, keep=0, command="run_tune.py")))
+
+    with GcsWatch(gcs, report_lost) as watch:
+        try:
+            return run()
+        except BaseException as exc:
+            err = lost_error(exc, gcs_address=gcs, watch=watch, run_dir=str(exp), created=False, keep=0,
+                             command="run_tune.py") if gcs else None
+            if err is not None:
+                raise err from None
+            raise
