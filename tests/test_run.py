@@ -1,6 +1,7 @@
 """End-to-end runs of the core loop on the real CIFAR-10 copy with tiny models (the `smoke` preset)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import read_scalars
+from rich.console import Console
 
 from bmtard_ray.config import build_config
 from bmtard_ray.launch.local import run_local
@@ -28,7 +30,8 @@ def test_smoke_run_writes_every_output_with_a_trace_row_per_iteration(tmp_path: 
     # The robust teacher gets two epochs and a milestone, to check the teachers' schedule as well.
     cfg = smoke_config(tmp_path, cifar_root, "teachers.robust.epochs=2", "teachers.robust.milestones=[1]")
     assert cfg.optim.milestones == (1,) and cfg.optim.epochs == 2
-    summary = run_local(cfg)
+    printed = io.StringIO()
+    summary = run_local(cfg, console=Console(file=printed, width=400))
     run = tmp_path / "runs" / cfg.name
     for name in ("config.yaml", "checkpoint.pt", "model.pt", "trace.parquet", "metrics.parquet", "summary.json",
                  "summary.md"):
@@ -67,6 +70,17 @@ def test_smoke_run_writes_every_output_with_a_trace_row_per_iteration(tmp_path: 
     assert model["arch"] == cfg.student and model["num_classes"] == 10
     # Teachers were trained once and are reused by the next run.
     assert len(list((tmp_path / "teachers").glob("*/model.pt"))) == 2
+    # What it printed is true: teachers announced as teachers, their cache entries named once in place (not
+    # the building folder they leave), and the last lines say where the student's outputs went.
+    text = printed.getvalue()
+    for role, method in (("clean", "natural"), ("robust", "sat")):
+        assert f": {method} teacher {cfg.teachers.clean.arch} on cifar10" in text, text[-3000:]
+        cached = next((tmp_path / "teachers").glob(f"{role}-*/model.pt"))
+        assert f"{role} teacher: cached at {cached}" in text
+    assert f"{cfg.name}: bmtard student {cfg.student} on cifar10" in text
+    assert ".incomplete" not in "".join(line for line in text.splitlines() if "outputs in" in line)
+    tail = text[text.rindex("outputs in"):]
+    assert tail.startswith(f"outputs in {run}:") and "eval/" in tail and "model.pt" in tail, tail
 
 
 def test_resume_continues_to_the_same_result(tmp_path: Path, cifar_root: Path) -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir
 from bmtard_ray.data import prepare_data
-from bmtard_ray.launch.console import epoch_logger, print_summary
+from bmtard_ray.launch.console import epoch_logger, print_outputs, print_summary, what_trains
 from bmtard_ray.launch.events import EpochEvents
 from bmtard_ray.launch.preflight import check_batches, probe_all
 from bmtard_ray.storage import checkpoints
@@ -58,7 +58,7 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
         console.print(f"resuming {run_dir} after epoch {trainer.state.epoch}{within}")
     write_config(cfg, run_dir)
     events = EpochEvents(run_dir, fresh=state is None)  # TensorBoard: watch the run live (report() writes)
-    console.print(f"[bold]{cfg.name}[/bold]: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
+    console.print(f"[bold]{what_trains(cfg)}[/bold] on {cfg.data.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images; "
                   f"{dataset_settings(cfg)}) "
                   f"on {trainer.device}")
@@ -70,5 +70,5 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bo
         events.close()
     summary = trainer.finish(run_dir)
     print_summary(summary, console)
-    console.print(f"outputs in {run_dir}")
+    print_outputs(cfg, str(run_dir), console)
     return summary

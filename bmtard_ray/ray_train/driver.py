@@ -16,7 +16,7 @@ from rich.text import Text
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir, to_dict
 from bmtard_ray.data import dataset_info, prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ClusterLostError, ConfigError, find_cause
-from bmtard_ray.launch.console import print_summary
+from bmtard_ray.launch.console import print_outputs, print_summary, what_trains
 from bmtard_ray.launch.events import EpochEvents
 from bmtard_ray.launch.preflight import check_batches, probe_all
 from bmtard_ray.ray_train.cluster import check_resources, cluster_address, connect, stop_local_ray
@@ -134,7 +134,7 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
                                  keep_checkpoints=keep_checkpoints, resume_from=resume_from, finish=True,
                                  worker_hook=worker_hook)
     gpus = f", {scaling.gpus_per_worker:g} GPU" if scaling.gpus_per_worker else ""
-    console.print(f"{cfg.name}: {cfg.method.name} student {cfg.student} on {cfg.data.dataset} "
+    console.print(f"{what_trains(cfg)} on {cfg.data.dataset} "
                   f"({dataset_settings(cfg)}), "
                   f"{scaling.describe()} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
                   f"{scaling.placement_strategy.lower()}), global batch "
@@ -249,5 +249,5 @@ def run_ray(cfg: RunConfig, scaling: ScalingOptions, *, address: str | None = No
             stop_local_ray()
     if summary.get("results"):
         print_summary(summary, console)
-    console.print(f"outputs in {summary['run_dir']}")
+    print_outputs(cfg, summary["run_dir"], console)
     return summary

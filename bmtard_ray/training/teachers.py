@@ -187,6 +187,7 @@ def ensure_teachers(cfg: RunConfig, run: RunFn, log: Callable[[str], None] = pri
         else:
             log(f"{role} teacher: training {tc.arch} with {tc.train_method} for {tc.epochs} epochs -> {path}")
             build_entry(teacher_config(cfg, role), run, role)
+            log(f"{role} teacher: cached at {path}")
         tc.checkpoint = str(path)
         # A trained teacher's normalisation is whatever it was trained with (none for our models).
     return out
