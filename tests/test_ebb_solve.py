@@ -379,3 +379,16 @@ def test_an_absolute_target_at_or_above_log_k_is_said_to_be_unreachable_once_at_
     assert unreachable_target(EBBConfig(mode="solve", target_entropy=2.0), 10) is None           # below log 10
     assert unreachable_target(EBBConfig(mode="step", target_entropy=3.0), 10) is None            # step: no solve
     assert unreachable_target(EBBConfig(mode="solve", target_entropy=0.9, target_mode="fraction"), 10) is None
+
+
+def test_the_balance_reports_its_target_its_bounds_and_how_often_it_was_pinned() -> None:
+    import math
+
+    tau = torch.tensor([[1.0, 1.0], [1.0, 1.5], [1.0, 10.0], [2.0, 9.0]])  # [tau_adv, tau_nat] per iteration
+    equalise = EntropyBalance(EBBConfig(tau_min=1.0, tau_max=10.0), 10).epoch_report(tau)
+    assert math.isnan(equalise["H_target"]) and equalise["tau_min"] == 1.0 and equalise["tau_max"] == 10.0
+    assert equalise["tau_adv_at_bound"] == 75.0 and equalise["tau_nat_at_bound"] == 50.0
+    fraction = EntropyBalance(EBBConfig(target_entropy=0.5, target_mode="fraction"), 10).epoch_report(tau)
+    assert fraction["H_target"] == pytest.approx(0.5 * math.log(10))
+    off = EntropyBalance(EBBConfig(enabled=False), 10).epoch_report(tau)
+    assert all(math.isnan(v) for v in off.values()) and len(off) == 5

@@ -234,6 +234,43 @@ def test_multi_objective_ranking_is_pareto_front_first_then_w_robust() -> None:
     assert best_record(recs, s).trial_id == "e"
 
 
+def test_the_leaderboard_marks_the_best_the_ties_within_one_standard_error_and_pinned_balances() -> None:
+    from bmtard_ray.training.metrics import w_robust_se
+    from bmtard_ray.tuning.results import leaderboard_markdown, notes
+
+    recs = [record("a", 60.0, 30.0), record("b", 59.0, 30.0), record("c", 50.0, 20.0), record("d", 40, 10)]
+    for r in recs:
+        r.metrics["val_n"] = 256
+    # d's robust teacher's temperature sat at a bound at every iteration of both epochs; c's only in one.
+    recs[3].history = [{"tau_adv_at_bound": 100.0, "tau_nat_at_bound": 40.0}, {"tau_adv_at_bound": 100.0}]
+    recs[2].history = [{"tau_adv_at_bound": 100.0}, {"tau_adv_at_bound": 99.0}]
+    se = w_robust_se(60.0, 30.0, 256)
+    # Binomial errors of 60 % and 30 % on 256 images: 3.06 and 2.86 points, their mean 2.96.
+    assert se == pytest.approx(0.5 * (100 * math.sqrt(0.6 * 0.4 / 256) + 100 * math.sqrt(0.3 * 0.7 / 256)))
+    assert 2.9 < se < 3.0
+    got = notes(recs, settings())
+    assert got["a"] == "best" and got["b"] == f"tied (within 1 SE = {se:.2f})"  # 0.5 points apart
+    assert got["c"] == "" and got["d"] == "pinned at bounds: tau_adv"
+    table = leaderboard_markdown(recs, settings(), "t")
+    assert "| ±SE | note |" in table and f"| {se:.2f} | best |" in table
+    assert w_robust_se(None, 30.0, 256) is None and w_robust_se(60.0, 30.0, None) is None
+
+
+def test_optuna_trials_carry_their_outcome_and_balance() -> None:
+    from bmtard_ray.tuning.searcher import outcome_attrs
+
+    last = {"epoch": 3, "val_clean": 60.0, "val_robust": 30.0, "val_w_robust": 45.0, "val_n": 256,
+            "tau_adv": 1.0, "tau_nat": 4.5, "w_adv": 0.4, "w_nat": 0.6, "H_adv": 1.9, "H_nat": 0.6,
+            "H_target": math.nan, "tau_min": 1.0, "tau_max": 10.0, "tau_adv_at_bound": 100.0,
+            "tau_nat_at_bound": 0.0}
+    attrs = outcome_attrs(last, {1: (100.0, 50.0), 2: (100.0, 10.0), 3: (100.0, 0.0)})
+    assert attrs["H_target"] is None  # NaN (the teachers are equalised, no target): stored as null, not NaN
+    assert attrs["tau_adv_at_bound"] == 100.0 and attrs["tau_nat_at_bound"] == pytest.approx(20.0)
+    assert attrs["val_w_robust"] == 45.0 and attrs["val_n"] == 256 and attrs["tau_nat"] == 4.5
+    assert 2.9 < attrs["val_w_robust_se"] < 3.0
+    assert json.loads(json.dumps(attrs, allow_nan=False)) == attrs  # what optuna-dashboard's JSON can carry
+
+
 def test_the_parquet_table_has_a_row_per_trial_with_params_effective_values_and_metrics(tmp_path: Path) -> None:
     recs = [record("t2", 70, 30, epoch=1, number=1, **{"ebb.tau_adv_init": 4.0}),
             record("t1", 80, 40, number=0, **{"ebb.tau_adv_init": 1.5})]
@@ -436,6 +473,10 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
         t = by_id[r["trial_id"]]
         assert t.params == {p.key: r[f"param.{p.key}"] for p in space.params}
         assert t.user_attrs["run_folder"] == str(exp / "train" / r["trial_id"])
+        # Its outcome and balance, where the user looks first (also for a trial ASHA stopped).
+        assert t.user_attrs["val_w_robust"] == pytest.approx(r["val_w_robust"]) and t.user_attrs["val_n"] >= 1
+        assert t.user_attrs["val_w_robust_se"] > 0 and t.user_attrs["tau_max"] >= t.user_attrs["tau_min"] > 0
+        assert 0 <= t.user_attrs["tau_adv_at_bound"] <= 100 and 0 <= t.user_attrs["tau_nat_at_bound"] <= 100
         assert Path(t.user_attrs["trial_folder"], "progress.csv").is_file()
         if r["stopped_early"]:
             assert t.state == optuna.trial.TrialState.PRUNED, (r["trial_id"], t.state)
@@ -464,6 +505,7 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     best = summary["best"]
     assert best["validation"]["val_w_robust"] == max(r["val_w_robust"] for r in rows)
     assert f"| 1 | {best['trial_id']} |" in (exp / "leaderboard.md").read_text()
+    assert "| best |" in (exp / "leaderboard.md").read_text()
     report = json.loads((exp / "best" / "test.json").read_text())
     assert set(report["accuracy"]) == {"clean", "fgsm", "pgd_sat"} and report["n_examples"] == 64
     assert report["split"] == "test" and best["test"]["accuracy"] == report["accuracy"]

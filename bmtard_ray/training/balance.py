@@ -60,6 +60,19 @@ class EntropyBalance:
         self.tau = torch.tensor([cfg.tau_adv_init, cfg.tau_nat_init], dtype=torch.float32, device=device)
         self.solved = False  # host-side: whether a solve has happened (the first one is not blended)
 
+    def epoch_report(self, tau: Tensor) -> dict[str, float]:
+        """What the balance aimed at and how often it was pinned, for one epoch's ``[n, 2]`` temperatures
+        (the trace's ``tau_adv``, ``tau_nat``): the target entropy in nats (NaN when it equalises the teachers),
+        the bounds, and the share (%) of iterations each temperature sat at a bound, where the balance could not
+        move it further. All NaN when EBB is off (MTARD): there is no balance to describe."""
+        names = ("H_target", "tau_min", "tau_max", "tau_adv_at_bound", "tau_nat_at_bound")
+        if not self.enabled or tau.shape[0] == 0:
+            return dict.fromkeys(names, math.nan)
+        lo, hi = self.cfg.tau_min, self.cfg.tau_max
+        pinned = ((tau <= lo + 1e-6) | (tau >= hi - 1e-6)).float().mean(0).mul(100).tolist()
+        target = self.target if self.target is not None else math.nan
+        return dict(zip(names, (target, lo, hi, *pinned), strict=True))
+
     def decay(self, factor: float) -> None:
         """Scale the step size (eta_tau is decayed with the learning rate at the milestones)."""
         self.eta = self.cfg.eta_tau * factor

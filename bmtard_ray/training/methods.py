@@ -110,6 +110,10 @@ class Method(ABC):
     def step(self, x: Tensor, y: Tensor) -> StepOutput:
         """One iteration on a batch: attack, passes, balance update; returns the loss and statistics."""
 
+    def balance_report(self, tau: Tensor) -> dict[str, float]:
+        """The balance's per-epoch description (see EntropyBalance.epoch_report); none without a balance."""
+        return {}
+
     def decay(self, factor: float) -> None:  # noqa: B027 (a hook: a method without a balance has nothing to decay)
         """Called by the trainer at the start of every epoch with the schedule's multiplier."""
 
@@ -172,6 +176,9 @@ class BMTARD(Method):
                  "tau_adv": tau[0], "tau_nat": tau[1], "w_adv": w_adv, "w_nat": w_nat}
         return StepOutput(loss, {k: v.detach() for k, v in named.items()},
                           self._counts(y, s_adv.detach(), s_nat.detach()))
+
+    def balance_report(self, tau: Tensor) -> dict[str, float]:
+        return self.ebb.epoch_report(tau)
 
     def decay(self, factor: float) -> None:
         self.ebb.decay(factor)

@@ -14,6 +14,7 @@ Pure Python: the Tune layer's checks read it without importing torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Per-iteration statistics a method may return (each method returns the ones it has; the trace shows NaN
@@ -53,16 +54,33 @@ METRICS: tuple[Metric, ...] = (
     Metric("w_nat", "natural loss weight at the epoch's last iteration", NEITHER, "", "balance"),
     Metric("H_adv", "robust teacher's mean entropy over the epoch", NEITHER, "nats", "balance"),
     Metric("H_nat", "clean teacher's mean entropy over the epoch", NEITHER, "nats", "balance"),
+    Metric("H_target", "entropy EBB drives both teachers to (NaN: it equalises them)", NEITHER, "nats", "balance"),
+    Metric("tau_min", "EBB's lower temperature bound", NEITHER, "", "balance"),
+    Metric("tau_max", "EBB's upper temperature bound", NEITHER, "", "balance"),
+    Metric("tau_adv_at_bound", "share of the epoch's iterations the robust teacher's temperature sat at a bound",
+           NEITHER, "%", "balance"),
+    Metric("tau_nat_at_bound", "share of the epoch's iterations the clean teacher's temperature sat at a bound",
+           NEITHER, "%", "balance"),
     Metric("train_acc_adv", "student's accuracy on the epoch's adversarial batches", MAX, "%", "train"),
     Metric("train_acc_nat", "student's accuracy on the epoch's clean batches", MAX, "%", "train"),
     Metric("val_clean", "clean validation accuracy", MAX, "%", "validation", "clean"),
     Metric("val_robust", "validation accuracy under the headline attack", MAX, "%", "validation", "robust"),
     Metric("val_w_robust", "W-Robust on validation: (clean + robust) / 2", MAX, "%", "validation", "W-robust"),
+    Metric("val_n", "validation images the val_* metrics rest on", NEITHER, "images", "validation", "n val"),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 # Every per-epoch metric, in the order the trainer reports them (tuning: every epoch, validation included).
 EPOCH_METRICS: tuple[str, ...] = tuple(BY_NAME)
-VALIDATION_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.group == "validation")
+VALIDATION_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.group == "validation" and m.direction)
+
+
+def w_robust_se(clean: float | None, robust: float | None, n: float | None) -> float | None:
+    """Standard error (points) of a W-Robust measured on ``n`` images: each accuracy's binomial error,
+    100 sqrt(p (1 - p) / n), averaged. That is the largest the mean's error can be (clean and robust outcomes of
+    an image are positively correlated), so trials closer than it are not told apart by the validation split."""
+    if clean is None or robust is None or not n:
+        return None
+    return 0.5 * sum(100 * math.sqrt(p * (1 - p) / n) for p in (clean / 100, robust / 100))
 
 
 def objective_names() -> tuple[str, ...]:

@@ -270,6 +270,7 @@ class Trainer:
         values.update({f"train_{k}": means[k] for k in ("loss", "L_adv", "L_nat")})
         values.update({k: last[k] for k in STAT_NAMES if k.startswith(("tau", "w_"))})
         values.update({"H_adv": means["H_adv"], "H_nat": means["H_nat"]})
+        values.update(self.method.balance_report(table[:, [STAT_NAMES.index("tau_adv"), STAT_NAMES.index("tau_nat")]]))
         values["train_acc_adv"] = 100 * c["correct_adv"] / c["seen_adv"] if c["seen_adv"] else math.nan
         values["train_acc_nat"] = 100 * c["correct_nat"] / c["seen_nat"] if c["seen_nat"] else math.nan
         return {name: values[name] for name in EPOCH_METRICS if name in values}  # the registry's order
@@ -348,7 +349,7 @@ class Trainer:
         ec = self.cfg.eval
         res = self.evaluate(self.val_subset, ("clean", ec.headline))
         return {"val_clean": res["accuracy"]["clean"], "val_robust": res["accuracy"][ec.headline],
-                "val_w_robust": res["w_robust"][ec.headline]}
+                "val_w_robust": res["w_robust"][ec.headline], "val_n": res["n_examples"]}
 
     # --- the run ---------------------------------------------------------------------------------------
     def fit(self) -> TrainState:

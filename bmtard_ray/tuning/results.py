@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from bmtard_ray.runtime import fileio
-from bmtard_ray.training.metrics import EPOCH_METRICS, VALIDATION_METRICS, default_mode, label_of
+from bmtard_ray.training.metrics import EPOCH_METRICS, VALIDATION_METRICS, default_mode, label_of, w_robust_se
 from bmtard_ray.tuning.settings import TuneSettings
 
 
@@ -181,6 +181,44 @@ def leaderboard_metrics(settings: TuneSettings) -> list[str]:
     return metrics + [m for m in settings.objectives if m not in metrics]
 
 
+def _se_cell(r: TrialRecord) -> str:
+    se = w_robust_se(r.metrics.get("val_clean"), r.metrics.get("val_robust"), r.metrics.get("val_n"))
+    return "-" if se is None else f"{se:.2f}"
+
+
+def pinned(r: TrialRecord) -> list[str]:
+    """The teachers whose temperature sat at a bound at every iteration of every epoch the trial reported:
+    there the balance never acted (its target out of reach, or bounds too tight)."""
+    out = []
+    for role in ("adv", "nat"):
+        shares = [h.get(f"tau_{role}_at_bound") for h in r.history] or [r.metrics.get(f"tau_{role}_at_bound")]
+        if shares and all(isinstance(v, (int, float)) and v >= 100 - 1e-9 for v in shares):
+            out.append(f"tau_{role}")
+    return out
+
+
+def notes(records: Sequence[TrialRecord], settings: TuneSettings) -> dict[str, str]:
+    """Per trial: "best"; "tied" when within one standard error (the best trial's validation W-Robust SE, see
+    training.metrics.w_robust_se) of the best on the W-Robust ranking, where validation cannot tell them apart;
+    and which temperatures never left their bounds."""
+    ranked = [r for r in rank(records, settings) if _ok(r, (settings.asha_metric if settings.multi
+                                                              else settings.objective,))]
+    metric = settings.asha_metric if settings.multi else settings.objective
+    out: dict[str, list[str]] = {r.trial_id: [] for r in records}
+    if ranked:
+        best = ranked[0]
+        out[best.trial_id].append("best")
+        se = w_robust_se(best.metrics.get("val_clean"), best.metrics.get("val_robust"), best.metrics.get("val_n"))
+        if metric == "val_w_robust" and se is not None:
+            for r in ranked[1:]:
+                if abs(best.value(metric) - r.value(metric)) <= se:
+                    out[r.trial_id].append(f"tied (within 1 SE = {se:.2f})")
+    for r in records:
+        if (p := pinned(r)):
+            out[r.trial_id].append("pinned at bounds: " + ", ".join(p))
+    return {k: "; ".join(v) for k, v in out.items()}
+
+
 def leaderboard_rows(records: Sequence[TrialRecord], settings: TuneSettings, top: int) -> tuple[list[str],
                                                                                                 list[list[str]]]:
     keys: list[str] = []
@@ -189,15 +227,17 @@ def leaderboard_rows(records: Sequence[TrialRecord], settings: TuneSettings, top
     metrics = leaderboard_metrics(settings)
     pareto = ["pareto"] if settings.multi else []
     names = short_names(keys)
-    cols = ["#", "trial", "status", "epochs", *pareto, *(label_of(m) for m in metrics),
+    cols = ["#", "trial", "status", "epochs", *pareto, *(label_of(m) for m in metrics), "±SE", "note",
             *(names[k] for k in keys)]
     front = pareto_ids(records, settings)
+    noted = notes(records, settings)
     rows = []
     for i, r in enumerate(rank(records, settings)[:top], 1):
         status = "stopped" if r.stopped_early else ("done" if r.status == "TERMINATED" else r.status.lower())
         on_front = ["*" if r.trial_id in front else ""] if settings.multi else []
         rows.append([str(i), r.trial_id, status, str(r.epochs), *on_front,
                      *(f"{r.value(m):.2f}" if math.isfinite(r.value(m)) else "-" for m in metrics),
+                     _se_cell(r), noted[r.trial_id],
                      *(_cell(r.effective.get(k, r.params.get(k))) for k in keys)])
     return cols, rows
 
@@ -206,7 +246,7 @@ def leaderboard_table(records: Sequence[TrialRecord], settings: TuneSettings, to
     cols, rows = leaderboard_rows(records, settings, top)
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="left" if c in ("trial", "status") else "right")
+        table.add_column(c, justify="left" if c in ("trial", "status", "note") else "right")
     for row in rows:
         table.add_row(*row)
     return table

@@ -11,7 +11,9 @@ and optuna-dashboard cannot show the trial as pruned. It also reports intermedia
   by their last intermediate value and step, below the finished ones, as it does with its own pruners;
 * intermediate values are reported at our ``epoch`` (the same counter ASHA's time attribute uses);
 * each Optuna trial carries user attributes naming its Ray trial id and its folders, set when it is asked
-  (Optuna accepts user attributes only while a trial runs);
+  (Optuna accepts user attributes only while a trial runs), and its outcome and balance (:func:`outcome_attrs`),
+  refreshed at every epoch and set once more from the last result before the trial is told (a trial ASHA
+  stopped included);
 * the study carries its objectives' names (``set_metric_names``) and the attributes it is given.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from bmtard_ray.training.metrics import w_robust_se
+
 TRAIN_DIR = "train"     # <experiment>/train/<trial id>: the trial's Ray Train run (see experiment.py)
 
 
@@ -39,6 +43,26 @@ def trial_run_folder(experiment_dir: str | Path, trial_id: str) -> Path:
     return Path(experiment_dir) / TRAIN_DIR / trial_id
 
 
+def _finite(value: Any) -> float | None:
+    """A number Optuna can store and optuna-dashboard can show (NaN breaks its JSON): None otherwise."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def outcome_attrs(result: Mapping[str, Any], pinned: Mapping[int, tuple[float, float]]) -> dict[str, Any]:
+    """The user attributes that say how a trial ended: its last validation numbers, the balance it ended with
+    (temperatures, weights, entropies), what the balance aimed at (target in nats, bounds) and the share of
+    all its iterations each temperature sat at a bound (``pinned``: epoch -> per-epoch shares, equal epochs),
+    the validation size and the W-Robust standard error it implies."""
+    attrs: dict[str, Any] = {k: _finite(result.get(k)) for k in (
+        "val_clean", "val_robust", "val_w_robust", "tau_adv", "tau_nat", "w_adv", "w_nat", "H_adv", "H_nat",
+        "H_target", "tau_min", "tau_max", "val_n")}
+    for i, name in enumerate(("tau_adv_at_bound", "tau_nat_at_bound")):
+        shares = [v[i] for v in pinned.values() if math.isfinite(v[i])]
+        attrs[name] = sum(shares) / len(shares) if shares else None
+    attrs["val_w_robust_se"] = w_robust_se(attrs["val_clean"], attrs["val_robust"], attrs["val_n"])
+    return attrs
+
+
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` with PRUNED early stops, epoch-indexed curves and linked trials (module docstring)."""
 
@@ -49,6 +73,7 @@ class StudySearch(OptunaSearch):
         self._max_epochs = int(max_epochs)
         self._experiment_dir = str(experiment_dir)
         self._reported: dict[str, set[int]] = {}   # trial id -> epochs already told to Optuna
+        self._pinned: dict[str, dict[int, tuple[float, float]]] = {}  # trial id -> epoch -> at-bound shares
         names = list(metric) if isinstance(metric, list) else [metric]
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2; optuna-dashboard reads the names
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -86,15 +111,31 @@ class StudySearch(OptunaSearch):
             self._ot_trials[trial_id].report(float(value), int(epoch))
             seen.add(int(epoch))
 
+    def _describe(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
+        """Set the trial's outcome attributes from ``result`` (its newest epoch) while Optuna still takes them."""
+        if not result or trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return
+        epoch = result.get("epoch")
+        if isinstance(epoch, (int, float)):
+            shares = tuple(float(v) if isinstance(v := result.get(k), (int, float)) else math.nan
+                           for k in ("tau_adv_at_bound", "tau_nat_at_bound"))
+            self._pinned.setdefault(trial_id, {})[int(epoch)] = (shares[0], shares[1])
+        ot_trial = self._ot_trials[trial_id]
+        for key, value in outcome_attrs(result, self._pinned.get(trial_id, {})).items():
+            ot_trial.set_user_attr(key, value)
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id not in self._completed_trials:
             self._report(trial_id, result)
+            self._describe(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             super().on_trial_complete(trial_id, result=result, error=error)
             return
         self._report(trial_id, result)
+        if not error:
+            self._describe(trial_id, result)  # the stopping result never reached on_trial_result
         epoch = (result or {}).get("epoch")
         stopped_early = not error and isinstance(epoch, (int, float)) and epoch < self._max_epochs
         if not stopped_early:
@@ -118,4 +159,5 @@ def set_study_attrs(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
         study.set_user_attr(key, value)
 
 
-__all__ = ["StudySearch", "trial_folder", "trial_run_folder", "close_unfinished", "set_study_attrs", "TRAIN_DIR"]
+__all__ = ["StudySearch", "trial_folder", "trial_run_folder", "close_unfinished", "set_study_attrs", "TRAIN_DIR",
+           "outcome_attrs"]
