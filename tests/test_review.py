@@ -175,3 +175,111 @@ def test_a_study_database_another_process_holds_locked_is_one_line_naming_it(
     assert err.startswith(f"error: {how}: the Optuna study database {exp / 'optuna.db'} is locked by another "
                           "process (SQLite refused ") and err.count("\n") == 1, err
     assert "database is locked" in err and elapsed < 30, (err, elapsed)
+
+
+class _FakeRayDashboard:
+    """A dashboard on loopback that answers as Ray's does: a public authentication mode, and /api/version
+    (with the session name) only for the right bearer token when token authentication is on."""
+
+    def __init__(self, session: str, token: str | None) -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+                if self.path == "/api/authentication_mode":
+                    body = {"authentication_mode": "token" if outer.token else "disabled"}
+                elif self.path == "/api/version":
+                    if outer.token and self.headers.get("Authorization") != f"Bearer {outer.token}":
+                        self.send_response(401)
+                        self.end_headers()
+                        return
+                    body = {"version": "4", "ray_version": "2.60.0", "session_name": outer.session}
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.session, self.token = session, token
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_review_shows_the_searchs_ray_dashboard_only_when_it_is_the_searchs_cluster(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from bmtard_ray.tuning import ray_dashboard as rd
+    from bmtard_ray.tuning.review import print_ray
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no token file of this machine's Ray is read
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def shown(found: rd.RayDashboard | None) -> str:
+        console = Console(record=True, width=300)
+        print_ray(console, found, [])
+        return console.export_text()
+
+    def record(url: str, session: str | None = "session_A") -> None:
+        (tmp_path / "ray_cluster.json").write_text(json.dumps({"dashboard_url": url, "session_name": session}))
+
+    dash = _FakeRayDashboard("session_A", token="s3cret")
+    try:
+        record(dash.url)
+        found = rd.locate(tmp_path, rd.candidates(tmp_path))  # token on, no token here: cannot be verified
+        assert found is not None and found.status == rd.UNVERIFIED and found.url == dash.url
+        assert "cannot be verified" in shown(found) and "s3cret" not in shown(found)
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret")
+        found = rd.locate(tmp_path, rd.candidates(tmp_path))
+        assert found is not None and found.status == rd.SAME and "the search's own cluster" in shown(found)
+        assert "s3cret" not in shown(found)
+        dash.session = "session_B"  # the search's Ray stopped; another cluster took its port
+        found = rd.locate(tmp_path, rd.candidates(tmp_path))
+        assert found is not None and found.status == rd.OTHER and found.found == "session_B"
+        text = shown(found)
+        assert "has ended" in text and "another cluster (session session_B)" in text and "Jobs" not in text
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("s3cret\n")  # where `ray get-auth-token` keeps it
+        assert rd.locate(tmp_path, rd.candidates(tmp_path)).status == rd.OTHER
+        record(dash.url, session=None)  # an experiment from before the session was recorded
+        assert rd.locate(tmp_path, [dash.url]).status == rd.UNVERIFIED
+    finally:
+        dash.close()
+    record(dash.url)  # nothing answers there any more
+    found = rd.locate(tmp_path, rd.candidates(tmp_path))
+    assert found is not None and found.status == rd.ENDED and "has ended" in shown(found)
+
+
+def test_review_says_when_parameter_importance_rests_on_too_little(tmp_path: Path) -> None:
+    from bmtard_ray.tuning.review import importance_warnings
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for i, tau_max in enumerate((2.0, 5.0, 9.0, 3.0)):  # every trial draws the solve: no contrast in ebb.mode
+        study.enqueue_trial({"ebb.mode": "solve", "ebb.tau_max": tau_max})
+        trial = study.ask()
+        trial.suggest_categorical("ebb.mode", ["step", "solve"])
+        trial.suggest_float("ebb.tau_max", 2.0, 10.0)
+        study.tell(trial, float(i)) if i < 3 else study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    warnings = importance_warnings(storage, "s")
+    assert len(warnings) == 2, warnings
+    assert "rests on 3 complete trial(s)" in warnings[0]  # the PRUNED one does not count
+    assert warnings[1].startswith("ebb.mode took one value among the complete trials ('solve')")

@@ -493,6 +493,9 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
         for r in rows:
             key = tuple(sorted((p.key, r[f"param.{p.key}"]) for p in space.params))
             assert r["pareto"] == (key in front)
+    # The search recorded its cluster's identity, which --review checks a dashboard against.
+    cluster = json.loads((exp / "ray_cluster.json").read_text())
+    assert cluster["session_name"].startswith("session_") and ":" in cluster["gcs_address"]
     # TensorBoard event files, one per trial, in the experiment folder.
     assert len(list(exp.glob("trial_*/events.out.tfevents.*"))) == n_trials
     # Plots.

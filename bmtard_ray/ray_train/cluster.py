@@ -181,6 +181,12 @@ def dashboard_url() -> str | None:
     return url if url.startswith(("http://", "https://")) else f"http://{url}"
 
 
+def identity() -> tuple[str, str]:
+    """The connected cluster's session name (unique: its start time and a pid) and GCS address."""
+    ctx = ray.get_runtime_context()
+    return ctx.get_session_name(), ctx.gcs_address
+
+
 def shutdown_ray(started: bool) -> None:
     """Stop the Ray instance :func:`init_ray` started (a joined cluster is left alone)."""
     if started:

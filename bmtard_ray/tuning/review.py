@@ -12,7 +12,6 @@ Pure Python plus the two servers' own command-line programs (``optuna-dashboard`
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -32,10 +31,10 @@ from rich.console import Console
 
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.storage.run_folder import CONFIG_FILE
-from bmtard_ray.tuning.settings import CLUSTER_FILE, SETTINGS_FILE, read_settings_file
+from bmtard_ray.tuning.ray_dashboard import ENDED, OTHER, SAME, RayDashboard, candidates, locate
+from bmtard_ray.tuning.settings import SETTINGS_FILE, read_settings_file
 from bmtard_ray.tuning.study_lock import check_unlocked
 
-DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
 START_TIMEOUT_S = 180.0                         # TensorBoard takes tens of seconds on a busy 2-core machine
 EXTRA_HINT = "install the dashboard extra: pip install -e '.[dashboard]'"
 
@@ -64,24 +63,6 @@ def sqlite_file(url: str) -> Path | None:
     return Path(url[len(prefix):]) if url.startswith(prefix) else None
 
 
-def _recorded_dashboard(folder: Path) -> str | None:
-    try:
-        url = json.loads((folder / CLUSTER_FILE).read_text()).get("dashboard_url")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return url if isinstance(url, str) and url else None
-
-
-def ray_candidates(folder: Path) -> list[str]:
-    """Where a Ray dashboard may answer, most specific first."""
-    out = [u for u in (_recorded_dashboard(folder),) if u]
-    env = os.environ.get("RAY_ADDRESS", "")
-    if env.startswith(("http://", "https://")):   # `ray job submit` style: the dashboard itself
-        out.append(env.rstrip("/"))
-    out.append(DEFAULT_RAY_DASHBOARD)
-    return list(dict.fromkeys(out))
-
-
 def target_of(folder: Path) -> Target:
     """Check the folder and decide what to start (one-line errors for anything else)."""
     if not folder.is_dir():
@@ -96,9 +77,9 @@ def target_of(folder: Path) -> Target:
                               "created its trials)")
         if db is not None:
             check_unlocked(db, write=False, what="--review")
-        return Target(folder, "experiment", settings.storage_url, settings.study_name, ray_candidates(folder))
+        return Target(folder, "experiment", settings.storage_url, settings.study_name, candidates(folder))
     if (folder / CONFIG_FILE).is_file():
-        return Target(folder, "run", ray_candidates=ray_candidates(folder))
+        return Target(folder, "run", ray_candidates=candidates(folder))
     raise ConfigError(f"--review: {folder} is neither a run_tune.py experiment ({SETTINGS_FILE}) nor a run_train.py "
                       f"run ({CONFIG_FILE})")
 
@@ -206,26 +187,58 @@ def stop(servers: Sequence[Server], grace_s: float = 10.0) -> None:
             s.proc.wait()
 
 
-def ray_dashboard(candidates: Sequence[str]) -> tuple[str, str] | None:
-    """The first candidate where a Ray dashboard answers, with its authentication mode."""
-    for url in candidates:
-        try:
-            with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=2.0) as resp:
-                mode = json.loads(resp.read().decode()).get("authentication_mode", "unknown")
-        except (OSError, ValueError, AttributeError):
-            continue
-        return url, str(mode)
-    return None
+MIN_COMPLETE_FOR_IMPORTANCE = 10   # below this, optuna-dashboard's importance panel is a hint, not a ranking
 
 
-def print_ray(console: Console, found: tuple[str, str] | None, candidates: Sequence[str]) -> None:
+def importance_warnings(storage: str, study_name: str) -> list[str]:
+    """What optuna-dashboard's parameter-importance panel does not say: how few complete trials it rests on,
+    and which categorical parameters took one value among them (they score 0 for want of contrast)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    out = []
+    if len(complete) < MIN_COMPLETE_FOR_IMPORTANCE:
+        out.append(f"parameter importance rests on {len(complete)} complete trial(s) (PRUNED ones do not count); "
+                   f"below about {MIN_COMPLETE_FOR_IMPORTANCE} read it as a hint, not a ranking")
+    values: dict[str, set[str]] = {}
+    for t in complete:
+        for name, dist in t.distributions.items():
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                values.setdefault(name, set()).add(repr(t.params[name]))
+    for name, seen in values.items():
+        if len(seen) == 1:
+            out.append(f"{name} took one value among the complete trials ({next(iter(seen))}): its importance of 0 "
+                       "says nothing about it")
+    return out
+
+
+def print_ray(console: Console, found: RayDashboard | None, urls: Sequence[str]) -> None:
+    """The Ray dashboard line: the search's cluster only when its identity was checked (ray_dashboard.py)."""
     if found is None:
-        console.print(f"  Ray dashboard:  none answers (looked at {', '.join(candidates)}); no cluster is up here")
+        console.print(f"  Ray dashboard:  none answers (looked at {', '.join(urls)}); no cluster is up here")
         return
-    url, mode = found
-    console.print(f"  Ray dashboard:  {url}   (the job: Jobs; the training workers and their nodes: Actors; "
-                  f"Ray Train's state as JSON: {url}/api/train/v2/runs/v1)", soft_wrap=True)
-    if mode == "token":
+    if found.status == ENDED:
+        console.print(f"  Ray dashboard:  the search's cluster (session {found.session}) has ended: nothing answers "
+                      "where it recorded its dashboard", soft_wrap=True)
+        return
+    if found.status == OTHER:
+        console.print(f"  Ray dashboard:  the search's cluster (session {found.session}) has ended; {found.url} now "
+                      f"belongs to another cluster (session {found.found}), not shown as the search's",
+                      soft_wrap=True)
+        return
+    console.print(f"  Ray dashboard:  {found.url}   (the job: Jobs; the training workers and their nodes: Actors; "
+                  f"Ray Train's state as JSON: {found.url}/api/train/v2/runs/v1)", soft_wrap=True)
+    if found.status == SAME:
+        console.print(f"                  the search's own cluster (session {found.session}, checked)", soft_wrap=True)
+    elif found.session:
+        console.print(f"                  cannot be verified as the search's cluster (session {found.session}) "
+                      "without its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)", soft_wrap=True)
+    else:
+        console.print("                  a cluster that answers here; which one ran this cannot be verified (no "
+                      "session was recorded)", soft_wrap=True)
+    if found.mode == "token":
         console.print("                  token authentication is on: paste the output of `ray get-auth-token` "
                       "(run on the head node) into the dashboard's prompt; it is not printed here", soft_wrap=True)
 
@@ -252,11 +265,14 @@ def review(folder: Path, *, bind_all: bool = False, console: Console | None = No
         what = (f"experiment {target.folder} (study '{target.study_name}' in {target.storage})"
                 if target.kind == "experiment" else f"training run {target.folder}")
         console.print(f"reviewing {what}; starting {' and '.join(s.name for s in servers)} ...", soft_wrap=True)
+        if target.kind == "experiment" and target.storage and target.study_name:
+            for warning in importance_warnings(target.storage, target.study_name):
+                console.print(f"[yellow]note:[/yellow] {warning}", soft_wrap=True)
         wait_until_up(servers)
         for s in servers:
             console.print(f"  {s.name + ':':<15} {s.url.replace('127.0.0.1', shown) if bind_all else s.url}",
                           soft_wrap=True)
-        print_ray(console, ray_dashboard(target.ray_candidates), target.ray_candidates)
+        print_ray(console, locate(target.folder, target.ray_candidates), target.ray_candidates)
         console.print("press Ctrl-C to stop the dashboards", soft_wrap=True)
         while True:
             for s in servers:

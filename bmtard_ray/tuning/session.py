@@ -69,8 +69,11 @@ def prepare_teachers(cfg: RunConfig, space: SearchSpace, settings: TuneSettings,
 
 
 def record_dashboard(experiment_dir: Path) -> None:
-    """Note the cluster's dashboard in the experiment folder, where ``run_tune.py --review`` looks for it."""
-    record = {"dashboard_url": cluster.dashboard_url(), "pid": os.getpid(), "time": time.time()}
+    """Note the cluster's dashboard and identity (session, GCS) in the experiment folder, where
+    ``run_tune.py --review`` looks for them (tuning/ray_dashboard.py)."""
+    session, gcs = cluster.identity()
+    record = {"dashboard_url": cluster.dashboard_url(), "session_name": session, "gcs_address": gcs,
+              "pid": os.getpid(), "time": time.time()}
     fileio.atomic_text(json.dumps(record, indent=2), Path(experiment_dir) / CLUSTER_FILE)
 
 
