@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import study_records as records
+from reproduce import fmt, mean_std  # bench/reproduce.py: the comparison table's statistics
 from study_report import (
     BASELINES,
     PRIMARY,
     TEACHER_ARMS,
     curves_of,
     figure,
-    fmt,
     gap,
-    mean_std,
     metric,
     rank_correlations,
     row_of,

@@ -38,17 +38,6 @@ def metric(row: dict[str, Any], name: str) -> float:
     return row["w_robust"][name]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
-
-def fmt(m: float, s: float) -> str:
-    return "-" if math.isnan(m) else f"{m:.2f} ± {s:.2f}"
-
-
 # --- gaps and the pre-registered reading rule ----------------------------------------------------------------
 def difference(a: list[dict[str, Any]], b: list[dict[str, Any]], name: str) -> tuple[float, float] | None:
     """Mean of a minus mean of b and the standard error of that difference (Welch); None below 2 seeds each."""
