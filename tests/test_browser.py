@@ -179,13 +179,15 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
         browser.get(f"{study_url}/trials")  # type: ignore[attr-defined]
         params = ["ebb.target_entropy", "ebb.eta_tau", "nlb.rho", "optim.lr"]
         wait_for(browser, [f"Trial {t.number}" for t in study.trials] + [*states, "Intermediate Values",
-                 "ray_trial_id", "run_folder", *params], shots, "optuna-trials")
+                 "ray_trial_id", "run_folder", "val_w_robust_se", "tau_adv_at_bound", "H_target", *params],
+                 shots, "optuna-trials")
         screenshot(browser, shots, "review-optuna-trials")
 
-        # TensorBoard: every trial's validation W-Robust curve.
+        # TensorBoard: every trial's validation W-Robust curve, its run named by Optuna number then Ray id.
         browser.get(f"{tb_url}#scalars&_smoothingWeight=0&tagFilter=val_w_robust")  # type: ignore[attr-defined]
-        runs = [p.name for p in exp.glob("trial_*")]
-        wait_for(browser, ["ray/tune/val_w_robust", *runs], shots, "tensorboard")
+        runs = [p.name for p in (exp / "tensorboard").iterdir()]
+        assert sorted(runs) == sorted(f"{t.number:03d}_{t.user_attrs['ray_trial_id']}" for t in study.trials)
+        wait_for(browser, ["validation/val_w_robust", *runs], shots, "tensorboard")
         screenshot(browser, shots, "review-tensorboard")
 
         stop_review(review, [study_url, tb_url])  # Ctrl-C: both servers stop, their ports close

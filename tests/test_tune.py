@@ -271,6 +271,53 @@ def test_optuna_trials_carry_their_outcome_and_balance() -> None:
     assert json.loads(json.dumps(attrs, allow_nan=False)) == attrs  # what optuna-dashboard's JSON can carry
 
 
+def _summary_tags(folder: Path) -> list[str]:
+    """Every summary tag in the TensorBoard event files of ``folder`` (scalars, HPARAMS, custom scalars)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event()
+            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            tags += [v.tag for v in event.summary.value]
+    return tags
+
+
+def test_trial_events_name_runs_by_optuna_number_and_log_the_balance_beside_its_target(tmp_path: Path) -> None:
+    from conftest import read_scalars
+
+    from bmtard_ray.tuning.tb import TrialEvents
+
+    class Trial:  # what the logger reads of a Tune trial
+        trial_id = "ab12c_00007"
+        config = {"optuna_number": 7, "ebb.mode": "solve", "ebb.target_entropy": 0.4}
+
+    space = load_space("ebb")
+    events, trial = TrialEvents(tmp_path, space), Trial()
+    events.log_trial_start(trial)
+    for epoch, w in ((1, 30.0), (2, 35.5)):
+        events.log_trial_result(epoch, trial, {"epoch": epoch, "val_w_robust": w, "H_adv": 1.5, "H_nat": 0.3,
+                                               "H_target": 0.92, "tau_min": 0.5, "tau_max": 10.0,
+                                               "tau_adv": math.nan, "training_iteration": epoch, "pid": 1})
+    events.log_trial_end(trial)
+    run = tmp_path / "tensorboard" / "007_ab12c_00007"
+    scalars = read_scalars(run)
+    assert scalars["validation/val_w_robust"] == {1: 30.0, 2: 35.5}  # step = epoch, run_train.py's tags
+    assert scalars["balance/H_target"] == {1: pytest.approx(0.92), 2: pytest.approx(0.92)}
+    assert {"balance/tau_min", "balance/tau_max", "balance/H_adv"} <= set(scalars)
+    assert "balance/tau_adv" not in scalars and not any(t.startswith(("ray/", "other/")) for t in scalars)
+    tags = _summary_tags(run)
+    # HPARAMS: the experiment (every searched key as a column) and the trial's start, at its start; its end.
+    assert tags.count("_hparams_/experiment") == 1 and tags.count("_hparams_/session_start_info") == 1
+    assert tags.count("_hparams_/session_end_info") == 1 and "custom_scalars__config__" in tags
+
+
 def test_the_parquet_table_has_a_row_per_trial_with_params_effective_values_and_metrics(tmp_path: Path) -> None:
     recs = [record("t2", 70, 30, epoch=1, number=1, **{"ebb.tau_adv_init": 4.0}),
             record("t1", 80, 40, number=0, **{"ebb.tau_adv_init": 1.5})]
@@ -496,8 +543,18 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     # The search recorded its cluster's identity, which --review checks a dashboard against.
     cluster = json.loads((exp / "ray_cluster.json").read_text())
     assert cluster["session_name"].startswith("session_") and ":" in cluster["gcs_address"]
-    # TensorBoard event files, one per trial, in the experiment folder.
-    assert len(list(exp.glob("trial_*/events.out.tfevents.*"))) == n_trials
+    # TensorBoard: one run per trial, named by its Optuna number then its Ray id, with the balance's target.
+    from conftest import read_scalars
+
+    runs = sorted((exp / "tensorboard").iterdir())
+    assert [r.name for r in runs] == sorted(f"{t.number:03d}_{t.user_attrs['ray_trial_id']}" for t in study.trials)
+    for run in runs:
+        scalars = read_scalars(run)
+        trial_id = run.name.split("_", 1)[1]
+        epochs = next(r["epochs"] for r in rows if r["trial_id"] == trial_id)
+        assert sorted(scalars["validation/val_w_robust"]) == list(range(1, epochs + 1))
+        assert set(scalars["balance/tau_max"]) == set(range(1, epochs + 1))
+    assert not list(exp.glob("trial_*/events.out.tfevents.*"))  # Tune's own logger is replaced
     # Plots.
     for name in ("objective.png", "clean_vs_robust.png", "best_trajectories.png"):
         data = (exp / "plots" / name).read_bytes()

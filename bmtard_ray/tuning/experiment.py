@@ -31,6 +31,7 @@ from bmtard_ray.tuning.results import TrialRecord
 from bmtard_ray.tuning.searcher import TRAIN_DIR, StudySearch, close_unfinished, trial_folder
 from bmtard_ray.tuning.settings import SETTINGS_FILE, TuneSettings, max_concurrent_trials, read_settings_file
 from bmtard_ray.tuning.space import SearchSpace, load_space
+from bmtard_ray.tuning.tb import TrialEvents
 from bmtard_ray.tuning.trainable import TrialSetup, make_trainable
 from bmtard_ray.tuning.trials import base_values, trial_config
 
@@ -147,7 +148,10 @@ def run(settings: TuneSettings, space: SearchSpace, *, resume: bool, console: Co
                                         trial_dirname_creator=trial_dirname),
             # A trial whose function died with its node is requeued and its Train run continues from its
             # last checkpoint (the run is named after the trial); finished trials are never rerun.
+            # TrialEvents: the trials' TensorBoard runs by Optuna number, our tags, HPARAMS as trials start
+            # (it replaces Tune's own TensorBoard logger; restored with the run config on --resume).
             run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=verbose,
+                                      callbacks=[TrialEvents(exp, space)],
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                       stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None))
     grid = tuner.fit()

@@ -22,7 +22,7 @@ from bmtard_ray.tuning.results import (
     write_table,
 )
 from bmtard_ray.tuning.searcher import set_study_attrs
-from bmtard_ray.tuning.settings import TuneSettings
+from bmtard_ray.tuning.settings import TB_DIR, TuneSettings
 
 TABLE = "trials.parquet"
 LEADERBOARD = "leaderboard.md"
@@ -97,6 +97,7 @@ def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[s
                                     "w_robust": final.w_robust}, "folder": str(final.folder)}
     fileio.atomic_text(json.dumps(summary, indent=2, default=str), exp / "summary.json")
     console.print(f"trials table: {exp / TABLE}\nleaderboard: {exp / LEADERBOARD}\nplots: {figs}\n"
-                  f"Optuna study: optuna-dashboard {settings.storage_url}\nTensorBoard: tensorboard --logdir {exp}\n"
+                  f"Optuna study: optuna-dashboard {settings.storage_url}\n"
+                  f"TensorBoard: tensorboard --logdir {exp / TB_DIR}\n"
                   f"both at once, on 127.0.0.1: python run_tune.py --review {exp}", soft_wrap=True)
     return summary

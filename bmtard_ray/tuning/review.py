@@ -32,7 +32,7 @@ from rich.console import Console
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.storage.run_folder import CONFIG_FILE
 from bmtard_ray.tuning.ray_dashboard import ENDED, OTHER, SAME, RayDashboard, candidates, locate
-from bmtard_ray.tuning.settings import SETTINGS_FILE, read_settings_file
+from bmtard_ray.tuning.settings import SETTINGS_FILE, TB_DIR, read_settings_file
 from bmtard_ray.tuning.study_lock import check_unlocked
 
 START_TIMEOUT_S = 180.0                         # TensorBoard takes tens of seconds on a busy 2-core machine
@@ -120,7 +120,10 @@ def server_commands(target: Target, host: str, ports: tuple[int, int]) -> list[t
                                      "--port", str(optuna_port), "--quiet"],
                     study_path(target.storage, target.study_name)))
     # --reload_interval 5: new epochs and new trials show up within seconds of being written.
-    out.append(("TensorBoard", [program("tensorboard"), "--logdir", str(target.folder), "--host", host,
+    # A search's trials have their own folder of runs, named by Optuna number (tuning/tb.py); older searches
+    # and training runs keep their events in the folder itself.
+    logdir = target.folder / TB_DIR if (target.folder / TB_DIR).is_dir() else target.folder
+    out.append(("TensorBoard", [program("tensorboard"), "--logdir", str(logdir), "--host", host,
                                 "--port", str(tb_port), "--reload_interval", "5"], "/"))
     return out
 

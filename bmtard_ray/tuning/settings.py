@@ -25,6 +25,7 @@ MODES = ("max", "min")
 SETTINGS_FILE = "settings.json"
 # The Ray dashboard of the cluster the search runs on (written when it connects; read by --review).
 CLUSTER_FILE = "ray_cluster.json"
+TB_DIR = "tensorboard"                 # <experiment>/tensorboard/<NNN>_<trial id>: the trials' runs (tuning/tb.py)
 SETTINGS_FORMAT = "bmtard_ray.tune_settings/1"   # written into settings.json; files without one are version 0
 
 
