@@ -565,7 +565,8 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     best = summary["best"]
     assert best["validation"]["val_w_robust"] == max(r["val_w_robust"] for r in rows)
     assert f"| 1 | {best['trial_id']} |" in (exp / "leaderboard.md").read_text()
-    assert "| best |" in (exp / "leaderboard.md").read_text()
+    board = (exp / "leaderboard.md").read_text()
+    assert f"| 1 | {best['trial_id']} |" in board and "| best" in board and "| ±SE | note |" in board
     report = json.loads((exp / "best" / "test.json").read_text())
     assert set(report["accuracy"]) == {"clean", "fgsm", "pgd_sat"} and report["n_examples"] == 64
     assert report["split"] == "test" and best["test"]["accuracy"] == report["accuracy"]
