@@ -54,8 +54,12 @@ def test_an_asha_stopped_trial_is_pruned_with_its_curve_and_a_finished_one_compl
     # A one-epoch score is not the configuration's outcome: the best trial is the one that finished.
     assert study.best_trial.number == a.number
     for t, tid in zip(study.trials, "abcd", strict=False):
-        assert t.user_attrs == {"ray_trial_id": tid, "trial_folder": str(tmp_path / "exp" / f"trial_{tid}"),
-                                "run_folder": str(tmp_path / "exp" / "train" / tid)}
+        links = {k: t.user_attrs[k] for k in ("ray_trial_id", "trial_folder", "run_folder")}
+        assert links == {"ray_trial_id": tid, "trial_folder": str(tmp_path / "exp" / f"trial_{tid}"),
+                         "run_folder": str(tmp_path / "exp" / "train" / f"trial{t.number:03d}_{tid}")}
+    # Each carries its last result (for b, the one that made ASHA stop it); c failed, so it has none.
+    assert [t.user_attrs.get("val_w_robust") for t in study.trials] == [25.5, 31.0, 12.0, 16.0]
+    assert all(t.user_attrs.get("val_w_robust_se") is None for t in study.trials)  # no val_n reported here
     assert study.metric_names == ["val_w_robust"]
     assert study.user_attrs == {"space": "smoke", "preset": "smoke-search"}
     # A second completion (Tune may repeat it) changes nothing.

@@ -519,7 +519,9 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     for r in rows:
         t = by_id[r["trial_id"]]
         assert t.params == {p.key: r[f"param.{p.key}"] for p in space.params}
-        assert t.user_attrs["run_folder"] == str(exp / "train" / r["trial_id"])
+        # The trial's Ray Train run is named by its Optuna number and id (Ray's Train state ties them).
+        assert t.user_attrs["run_folder"] == str(exp / "train" / f"trial{t.number:03d}_{r['trial_id']}")
+        assert Path(t.user_attrs["run_folder"]).is_dir()
         # Its outcome and balance, where the user looks first (also for a trial ASHA stopped).
         assert t.user_attrs["val_w_robust"] == pytest.approx(r["val_w_robust"]) and t.user_attrs["val_n"] >= 1
         assert t.user_attrs["val_w_robust_se"] > 0 and t.user_attrs["tau_max"] >= t.user_attrs["tau_min"] > 0
@@ -622,7 +624,8 @@ def test_an_interrupted_experiment_resumes_without_losing_a_finished_trial(tmp_p
     rows = pq.read_table(exp / "trials.parquet").to_pylist()
     before = {r["trial_id"]: r for r in rows if r["status"] == "TERMINATED"}
     assert 1 <= len(before) < 3
-    runs_before = {tid: sorted(p.name for p in (exp / "train" / tid).iterdir()) for tid in before}
+    run_of = {tid: next((exp / "train").glob(f"trial*_{tid}")) for tid in before}  # trial<NNN>_<id>
+    runs_before = {tid: sorted(p.name for p in run_of[tid].iterdir()) for tid in before}
 
     proc = subprocess.run([sys.executable, str(REPO / "run_tune.py"), "--resume", str(exp), "--num-cpus", "2",
                            "--quiet"], env=cli_env(), capture_output=True, text=True, timeout=900)
@@ -632,7 +635,7 @@ def test_an_interrupted_experiment_resumes_without_losing_a_finished_trial(tmp_p
     for tid, old in before.items():  # finished trials kept, not run again
         for key in ("val_clean", "val_robust", "val_w_robust", "epochs", "time_s", "checkpoint_path"):
             assert after[tid][key] == old[key], (tid, key)
-        assert sorted(p.name for p in (exp / "train" / tid).iterdir()) == runs_before[tid]
+        assert sorted(p.name for p in run_of[tid].iterdir()) == runs_before[tid]
 
 
 @pytest.mark.slow

@@ -38,9 +38,18 @@ def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
     return Path(experiment_dir) / f"trial_{trial_id}"
 
 
-def trial_run_folder(experiment_dir: str | Path, trial_id: str) -> Path:
-    """The trial's Ray Train run: its checkpoints (the trainable names the run after the trial id)."""
-    return Path(experiment_dir) / TRAIN_DIR / trial_id
+def train_run_name(number: Any, trial_id: str) -> str:
+    """A trial's Ray Train run: ``trial<Optuna number, 3 digits>_<ray trial id>``, so that Ray's Train state
+    (``/api/train/v2/runs/v1``) ties each run to optuna-dashboard's trial number."""
+    return f"trial{int(number):03d}_{trial_id}" if isinstance(number, (int, float)) else trial_id
+
+
+def trial_run_folder(experiment_dir: str | Path, trial_id: str, number: Any = None) -> Path:
+    """The trial's Ray Train run folder: its checkpoints. An experiment started before runs carried the
+    number named them by the trial id alone; a trial of it resumes under that name."""
+    old = Path(experiment_dir) / TRAIN_DIR / trial_id
+    return old if old.is_dir() or number is None else Path(experiment_dir) / TRAIN_DIR / train_run_name(number,
+                                                                                                          trial_id)
 
 
 def _finite(value: Any) -> float | None:
@@ -96,7 +105,7 @@ class StudySearch(OptunaSearch):
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr("ray_trial_id", trial_id)
             ot_trial.set_user_attr("trial_folder", str(trial_folder(self._experiment_dir, trial_id)))
-            ot_trial.set_user_attr("run_folder", str(trial_run_folder(self._experiment_dir, trial_id)))
+            ot_trial.set_user_attr("run_folder", str(trial_run_folder(self._experiment_dir, trial_id, ot_trial.number)))
         return params
 
     def _report(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
@@ -159,5 +168,5 @@ def set_study_attrs(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
         study.set_user_attr(key, value)
 
 
-__all__ = ["StudySearch", "trial_folder", "trial_run_folder", "close_unfinished", "set_study_attrs", "TRAIN_DIR",
-           "outcome_attrs"]
+__all__ = ["StudySearch", "trial_folder", "trial_run_folder", "train_run_name", "close_unfinished",
+           "set_study_attrs", "TRAIN_DIR", "outcome_attrs"]

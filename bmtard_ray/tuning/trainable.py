@@ -4,19 +4,23 @@ Ray Train V2 no longer accepts ``Tuner(trainer)``. Each trial instead runs this 
 turns the values Optuna sampled into a validated RunConfig, and fits a TorchTrainer (the same one
 ``run_train.py`` uses, from :mod:`bmtard_ray.ray_train`) whose ``TuneReportCallback`` forwards every epoch's
 metrics, plus the path of that epoch's checkpoint, from the training workers to Tune. ASHA and Optuna see
-those metrics; the checkpoint stays in Ray Train's storage (``<experiment>/train/<trial id>/``).
+those metrics; the checkpoint stays in Ray Train's storage (``<experiment>/train/trial<NNN>_<trial id>/``).
 
-The Train run is named after the trial id, so when ``--resume`` restarts an interrupted trial, Ray Train
-finds the run's checkpoint snapshot under the same name and continues from its last epoch.
+The Train run is named after the Optuna trial number and the trial id (so Ray's Train state ties it to the
+trial optuna-dashboard shows), both fixed for the trial's life: when ``--resume`` restarts an interrupted
+trial, Ray Train finds the run's checkpoint snapshot under the same name and continues from its last epoch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from bmtard_ray.config import RunConfig, from_dict
+from bmtard_ray.tuning.optuna_space import OPTUNA_NUMBER
+from bmtard_ray.tuning.searcher import trial_run_folder
 from bmtard_ray.tuning.space import SearchSpace
 from bmtard_ray.tuning.trials import trial_config
 
@@ -44,7 +48,7 @@ def sampled_values(config: dict[str, Any], space: SearchSpace) -> dict[str, Any]
 
 def trial_run_config(setup: TrialSetup, config: dict[str, Any], trial_id: str) -> RunConfig:
     cfg, _ = trial_config(from_dict(setup.base_config), setup.space, sampled_values(config, setup.space))
-    cfg.name = trial_id
+    cfg.name = trial_run_folder(Path(setup.train_dir).parent, trial_id, config.get(OPTUNA_NUMBER)).name
     cfg.output_dir = setup.train_dir
     # Tune takes every report for a result: no timed mid-epoch checkpoints in a trial. (A preemption notice's
     # checkpoint still reports; its result has no epoch or objective, which ASHA and StudySearch skip.)
@@ -64,7 +68,7 @@ def bmtard_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     scaling = ray_train.ScalingOptions(num_workers=setup.workers, cpus_per_worker=setup.cpus_per_worker,
                                        gpus_per_worker=setup.gpus_per_worker).validate()
     run_config = ray.train.RunConfig(
-        name=trial_id, storage_path=setup.train_dir, callbacks=[TuneReportCallback()],
+        name=cfg.name, storage_path=setup.train_dir, callbacks=[TuneReportCallback()],
         # Keep only the newest checkpoint: the trial's last report (what Optuna and ASHA saw) points at it.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         # A worker lost with its node restarts from the trial's last checkpoint (Tune's own budget, the same
