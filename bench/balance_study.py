@@ -41,6 +41,7 @@ import study_report  # noqa: E402
 from bmtard_ray.config import RunConfig, build_config  # noqa: E402
 from bmtard_ray.errors import BmtardError  # noqa: E402
 from bmtard_ray.launch.local import run_local  # noqa: E402
+from bmtard_ray.launch.preflight import probe_writable  # noqa: E402
 from bmtard_ray.runtime import fileio as io  # noqa: E402
 from bmtard_ray.storage.checkpoints import FILE as CHECKPOINT_FILE  # noqa: E402
 from bmtard_ray.training.teachers import cached_path, ensure_teachers  # noqa: E402
@@ -336,6 +337,9 @@ def main() -> int:
         for arm in args.arms:  # every run's config is valid before anything is written
             run_config(args, "weak", arm, 0, [])
         strong_config(args)
+        # ... and every folder it writes can be written: a bad --records must not surface after an hour's run.
+        for folder, flag in ((args.out, "--out"), (args.records, "--records"), (args.figures, "--figures")):
+            probe_writable(folder, flag)
         return report(args) if args.report_only else study(args)
     except BmtardError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -82,6 +82,8 @@ def test_unknown_arm_is_refused_in_one_line_and_writes_nothing(tmp_path: Path) -
     (["--trials", "0"], "--trials must be >= 1, got 0"),
     (["--results", "/nonexistent/RESULTS.md"], "--results /nonexistent/RESULTS.md does not exist"),
     (["--set", "optim.epochs=0"], "optim.epochs must be >= 1, got 0"),
+    (["--strengths", "weak,medium"], "unknown strength(s) medium"),
+    (["--records", "/proc/nope/records"], "--records /proc/nope/records is not writable"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(tmp_path / "s"), *flags],
