@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bmtard_ray.launch",),          # preflight, console, events, the in-process launch
     ("bmtard_ray.ray_train",),       # Ray Train
     ("bmtard_ray.tuning",),          # Ray Tune + Optuna
+    ("bmtard_ray.api",),             # the Python API: train, evaluate, search
     ("bmtard_ray.cli",),             # the three command-line tools
 )
 

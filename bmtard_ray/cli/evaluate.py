@@ -1,4 +1,5 @@
-"""``run_eval.py``: evaluate any checkpoint (ours or a public one) on a split and write the reports.
+"""``run_eval.py``: evaluate any checkpoint (ours or a public one) on a split and write the reports; a layer
+over :func:`bmtard_ray.api.eval_run.evaluate`.
 
 Our model files (``model.pt`` of a training run, ``format: bmtard_ray.model/1``) carry their architecture,
 class count, dataset, normalisation, teachers and config, so they need no flags. Public checkpoints (plain
@@ -14,28 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from bmtard_ray.api.eval_run import evaluate
 from bmtard_ray.cli.common import guarded
-from bmtard_ray.config import EvalConfig
-from bmtard_ray.data import dataset_info, load_dataset, train_val_split
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.evaluation.core import check_attacks, evaluate
-from bmtard_ray.evaluation.probe import chance_warning
-from bmtard_ray.evaluation.report import print_table, write_reports
-from bmtard_ray.launch.preflight import probe_writable
-from bmtard_ray.models.files import PYAUTOATTACK, inspect_checkpoint, load_model
-from bmtard_ray.names import (
-    ATTACK_NAMES,
-    BLACK_BOX,
-    DATASET_NAMES,
-    DEVICES,
-    MODEL_NAMES,
-    ROBUSTBENCH_MODEL_DIR,
-    is_robustbench,
-)
-from bmtard_ray.runtime.device import select_device
+from bmtard_ray.models.files import PYAUTOATTACK
+from bmtard_ray.names import ATTACK_NAMES, DATASET_NAMES, DEVICES, MODEL_NAMES, ROBUSTBENCH_MODEL_DIR
 
 
 def parse_eps(text: str) -> float:
@@ -111,80 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_value(record: dict[str, Any] | None, section: str, key: str) -> Any:
-    cfg = (record or {}).get("config") or {}
-    return (cfg.get(section) or {}).get(key) if isinstance(cfg, dict) else None
-
-
-def _first(*values: Any) -> Any:
-    """The first value that is not None (0 is a value: a val_size of 0 must not become the default)."""
-    return next(v for v in values if v is not None)
-
-
 def run(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks)
-    cfg = EvalConfig(attacks=attacks, eps=args.eps, n_examples=args.n_examples, batch_size=args.batch_size,
-                     seed=args.seed, square_queries=args.square_queries, autoattack_version=args.autoattack_version)
-    wants_source = any(a in BLACK_BOX for a in attacks)
-    check_attacks(cfg, has_source=args.source_checkpoint is not None or not wants_source)  # before any loading
-    cfg.headline = args.headline or ("pgd_sat" if "pgd_sat" in attacks
-                                     else next((a for a in attacks if a != "clean"), "pgd_sat"))
-    if cfg.headline not in ATTACK_NAMES or cfg.headline == "clean":
-        raise ConfigError(f"--headline must be a non-clean attack from: {', '.join(ATTACK_NAMES[1:])}")
-    device = select_device(args.device)
-    mean, std = _stats(args.mean, "--mean"), _stats(args.std, "--std")
-
-    # The checkpoint first (cheap and the likeliest to be wrong), then the data.
-    # A RobustBench name is no file until resolved under --model-dir (for the dataset given, else CIFAR-10).
-    found = None if is_robustbench(args.checkpoint) else inspect_checkpoint(args.checkpoint)
-    record = found.record if found is not None else None
-    dataset = args.dataset or (record or {}).get("dataset") or "cifar10"
-    info = dataset_info(dataset)
-    loaded = load_model(args.checkpoint, args.arch, info.num_classes, dataset=dataset, mean=mean, std=std,
-                        inspected=found, model_dir=args.model_dir)
-    path = loaded.path
-    # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
-    out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
-    probe_writable(out, "report folder")  # before the evaluation, not after it
-    source = None
-    if wants_source:
-        source = load_model(args.source_checkpoint, args.source_arch, info.num_classes, dataset=dataset,
-                            role="source checkpoint", model_dir=args.model_dir)
-
-    train, test, _ = load_dataset(dataset, args.data_root)
-    split_meta: dict[str, Any] = {"split": args.split}
-    if args.split == "val":
-        val_size = _first(args.val_size, _config_value(record, "data", "val_size"), 5000)
-        split_seed = _first(args.split_seed, _config_value(record, "data", "split_seed"), 0)
-        _, split = train_val_split(train, int(val_size), int(split_seed))
-        split_meta.update(val_size=int(val_size), split_seed=int(split_seed))
-    else:
-        split = test
-
-    model = loaded.model.to(device)
-    source_model = source.model.to(device) if source is not None else None
+    config: dict[str, Any] = {"attacks": attacks, "eps": args.eps, "n_examples": args.n_examples,
+                              "batch_size": args.batch_size, "seed": args.seed, "square_queries": args.square_queries,
+                              "autoattack_version": args.autoattack_version}
+    if args.headline:
+        config["headline"] = args.headline
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = evaluate(model, split, cfg, device=device, source_model=source_model, progress=progress)
-    if "clean" in result.accuracy and record is None:  # our own files record their normalisation
-        hint = "pass --mean/--std if it was trained on normalised inputs, or leave them out if it was not"
-        warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, info.num_classes, hint,
-                                 split="test" if args.split == "test" else "validation")
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-
-    stem = "pyautoattack_resnet18" if args.checkpoint == PYAUTOATTACK else path.stem
-    # A run's file is <run>/model.pt: the run folder names the model better than "model".
-    name = args.name or (path.parent.name if path.stem == "model" else stem)
-    model_info: dict[str, Any] = {
-        "name": name, "architecture": loaded.arch, "dataset": dataset, "checkpoint": str(path), **split_meta,
-        "method": _config_value(record, "method", "name"),
-        "teachers": (record or {}).get("teachers"),
-        "source_checkpoint": str(source.path) if source is not None else None,
-        "source_architecture": source.arch if source is not None else None,
-    }
-    paths = write_reports(result, out, model_info=model_info, stem=f"{stem}_{args.split}")
-    print_table(result, f"{name} on {dataset} {args.split}")
-    for kind, p in paths.items():
+    done = evaluate(args.checkpoint, config, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                    val_size=args.val_size, split_seed=args.split_seed, arch=args.arch,
+                    mean=_stats(args.mean, "--mean"), std=_stats(args.std, "--std"), model_dir=args.model_dir,
+                    source=args.source_checkpoint, source_arch=args.source_arch, name=args.name, out=args.out,
+                    device=args.device, progress=progress)
+    for kind, p in done.reports.items():
         print(f"{kind}: {p}")
     return 0
 

@@ -1,24 +1,21 @@
-"""run_train.py: options -> validated RunConfig -> a run in this process (``--local``) or through Ray Train.
+"""run_train.py: flags -> :func:`bmtard_ray.api.train_run.train`, in this process (``--local``) or through Ray Train.
 
-Configuration errors are found here, before any worker starts or any file is written (see
-:mod:`bmtard_ray.cli.common` for how errors and Ctrl-C end the command).
-
-``--resume`` continues the run that is there: the saved config defines what is trained, and only the keys of
-:data:`RESUME_KEYS` (more epochs, where and how fast it runs, validation and checkpoint cadence) may change.
+The command only turns its flags into the API's arguments (the configuration layers, the Ray options); the
+checks, the resume rules (:data:`~bmtard_ray.api.train_run.RESUME_KEYS`) and the run are the API's. See
+:mod:`bmtard_ray.cli.common` for how errors and Ctrl-C end the command.
 """
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bmtard_ray.cli.common import add_config_args, config_from_args, given_shortcuts, guarded, on_interrupt
-from bmtard_ray.config import RunConfig, flat_keys, from_dict, nest, parse_override, to_dict, update, validate
+from bmtard_ray.api.train_run import RESUME_KEYS, train
+from bmtard_ray.cli.common import add_config_args, given_shortcuts, guarded, on_interrupt
+from bmtard_ray.config import parse_override
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.storage import checkpoints
-from bmtard_ray.storage.paths import exists, is_uri, join
-from bmtard_ray.storage.run_folder import MODEL_FILE
+from bmtard_ray.storage.paths import is_uri
 
 if TYPE_CHECKING:
     from bmtard_ray.ray_train import RayRunOptions
@@ -73,63 +70,20 @@ def _main(argv: Sequence[str] | None = None) -> int:
         given = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to Ray runs; drop --local or drop them")
-    cfg, done = resolve_config(args)  # validated before Ray is even imported
-    folder = run_folder(args, cfg)
-    on_interrupt(lambda: folder if checkpoints.resumable(folder) else None, "run_train.py")
-    if done is not None and done >= cfg.optim.epochs and exists(join(folder, MODEL_FILE)):
-        print(f"{folder} already finished its {done} epochs; nothing to do (add epochs with --epochs N)")
-        return 0
-    if args.local:
-        from bmtard_ray.launch.local import run_local
-
-        run_local(cfg, resume=args.resume, overwrite=args.overwrite)
-        return 0
-    from bmtard_ray.ray_train import run_ray
-
-    ray = ray_options(args)
-    run_ray(cfg, ray.scaling, address=ray.address, storage_path=ray.storage_path, resume=args.resume,
-            overwrite=args.overwrite, failure_max=ray.max_failures, keep_checkpoints=ray.keep_checkpoints)
+    # Shortcut flags and --set, in the order given, as one mapping of dotted keys (later ones win).
+    changes = dict(parse_override(o) for o in given_shortcuts(args) + list(args.overrides))
+    resume = args.resume if args.resume and not is_uri(args.resume) else None
+    if resume is not None:
+        given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config)) if value]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} cannot be combined with --resume: the run continues with the "
+                              f"config it saved (change only {', '.join(RESUME_KEYS)} with --set or their flags)")
+    ray = {f: getattr(args, f) for f in RAY_FLAGS if f != "ray_config" and getattr(args, f) is not None}
+    train(changes, preset=None if resume else (args.preset or "cpu"), config_files=() if resume else args.config,
+          ray=False if args.local else (ray or True), ray_config=args.ray_config, resume=args.resume,
+          overwrite=args.overwrite, on_folder=lambda folder: on_interrupt(
+              lambda: folder if checkpoints.resumable(folder) else None, "run_train.py"))
     return 0
 
 
 main = guarded(_main)
-
-
-def run_folder(args: argparse.Namespace, cfg: RunConfig) -> str:
-    """Where this command's run lives: the folder given to --resume, else <storage or output dir>/<name>."""
-    if args.resume:
-        return checkpoints.run_dir_of(args.resume)
-    parent = getattr(args, "storage_path", None) or cfg.output_dir
-    return join(parent if is_uri(parent) else str(Path(parent).expanduser().resolve()), cfg.name)
-
-
-# Keys --resume may change: how long (more epochs), where and how fast it runs, how often it validates and
-# checkpoints. Everything else defines what is trained and stays as the run saved it.
-RESUME_KEYS = ("optim.epochs", "device", "compile", "sync_every_step", "val_every", "val_examples",
-               "checkpoint_every", "checkpoint_every_iters", "data.root", "data.num_workers", "eval.batch_size",
-               "teachers.logit_cache")
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, int | None]:
-    """The run's config and, with --resume, the epochs its checkpoint holds: the saved config plus only
-    the changes :data:`RESUME_KEYS` allow."""
-    if not getattr(args, "resume", None) or is_uri(args.resume):  # a URI run folder: config from the options
-        return config_from_args(args), None
-    state, saved = checkpoints.load_resume_state(args.resume)
-    given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config)) if value]
-    if given:
-        raise ConfigError(f"{' and '.join(given)} cannot be combined with --resume: the run continues with the "
-                          f"config it saved (change only {', '.join(RESUME_KEYS)} with --set or their flags)")
-    shortcuts = given_shortcuts(args)
-    cfg = from_dict(to_dict(saved))
-    if shortcuts or args.overrides:
-        update(cfg, nest(dict(parse_override(o) for o in shortcuts + list(args.overrides))))
-    before, after = flat_keys(saved), flat_keys(cfg)
-    for key, value in after.items():
-        if value != before[key] and key not in RESUME_KEYS:
-            raise ConfigError(f"--resume continues the run as it was defined: {key} cannot change "
-                              f"({before[key]!r} -> {value!r}); on resume only {', '.join(RESUME_KEYS)} can")
-    done = int(state.get("epoch", 0))
-    if cfg.optim.epochs < done:
-        raise ConfigError(f"optim.epochs={cfg.optim.epochs} is fewer than the {done} epochs the run has trained")
-    return validate(cfg), done

@@ -1,4 +1,4 @@
-"""run_tune.py: options -> validated space, base config and settings -> Ray Tune (or ``--review``).
+"""run_tune.py: flags -> :func:`bmtard_ray.api.search_run.run_search` (Ray Tune + Optuna), or ``--review``.
 
 Every user error (unknown space, malformed YAML, a bad range, --num-samples 0, an objective trials do not
 report, a data folder that is missing, an experiment folder already in use) is found before Ray starts or
@@ -8,31 +8,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
+from bmtard_ray.api import search_run as search
+from bmtard_ray.api.search_run import SearchOptions
 from bmtard_ray.cli.common import add_config_args, given_shortcuts, guarded, on_interrupt, shortcut_flags
-from bmtard_ray.config import RunConfig, build_config, nest, teacher_cache_dir, to_dict
+from bmtard_ray.config import RunConfig, parse_override
 from bmtard_ray.errors import ConfigError
-from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, teacher_roles
-from bmtard_ray.storage.run_folder import absolute_paths
-from bmtard_ray.training.metrics import default_mode, objective_names
-from bmtard_ray.tuning.settings import (
-    DEFAULT_MULTI_OBJECTIVES,
-    DEFAULT_OBJECTIVE,
-    SAMPLERS,
-    SCHEDULERS,
-    SETTINGS_FILE,
-    TuneSettings,
-)
-from bmtard_ray.tuning.space import SearchSpace, describe_space, load_space, space_names
-from bmtard_ray.tuning.trials import check_space, trial_methods
-
-# --smoke-test: seconds per trial, yet trials that learn something and differ (see the preset's comment).
-SMOKE: dict[str, Any] = {"space": "smoke", "preset": "smoke-search", "num_samples": 4,
-                         "final_attacks": "clean,fgsm,pgd_sat", "final_examples": 64}
+from bmtard_ray.training.metrics import objective_names
+from bmtard_ray.tuning.settings import DEFAULT_MULTI_OBJECTIVES, DEFAULT_OBJECTIVE, SAMPLERS, SCHEDULERS, TuneSettings
+from bmtard_ray.tuning.space import SearchSpace, space_names
 
 
 def tune_parser() -> argparse.ArgumentParser:
@@ -98,107 +86,20 @@ def tune_parser() -> argparse.ArgumentParser:
     return p
 
 
-def preset_of(args: argparse.Namespace, space: SearchSpace) -> str:
-    return args.preset or (SMOKE["preset"] if args.smoke_test else None) or space.base_preset or "cpu"
+def search_options(args: argparse.Namespace) -> SearchOptions:
+    """The flags as the API's options: the shortcut flags and --set become the base config's keys."""
+    config = dict(parse_override(o) for o in given_shortcuts(args, skip=("name", "output_dir")) + list(args.overrides))
+    names = {f.name for f in fields(SearchOptions)} - {"config", "config_files"}
+    return SearchOptions(config=config, config_files=tuple(args.config), **{n: getattr(args, n) for n in names})
 
 
 def base_config(args: argparse.Namespace, space: SearchSpace) -> RunConfig:
-    """preset (or the space's) -> --config files -> the space's base.set -> shortcut flags -> --set."""
-    shortcuts = given_shortcuts(args, skip=("name", "output_dir"))
-    cfg = build_config(preset_of(args, space), args.config, shortcuts + list(args.overrides),
-                       extra=nest(space.base_set))
-    # Tuning needs a validation score every epoch (ASHA compares trials at each rung, Optuna records the
-    # curve) and a checkpoint every epoch (a stopped trial's last report must point at its weights).
-    if cfg.val_every != 1 or cfg.checkpoint_every != 1:
-        raise ConfigError(f"tuning validates and checkpoints every epoch: remove the setting of val_every "
-                          f"({cfg.val_every}) / checkpoint_every ({cfg.checkpoint_every}) or set both to 1")
-    # Trials write to the experiment folder; the base config's output_dir only places the teacher cache
-    # (<output_dir>/teachers): runs/teachers by default, shared with run_train.py, else under --output-dir,
-    # so that a job submitted with an absolute --output-dir keeps its teachers too.
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
-    return absolute_paths(cfg)  # trials run in other processes and working directories
-
-
-def objectives_of(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if args.multi_objective:
-        if args.objective or args.mode:
-            raise ConfigError("--objective/--mode are for one metric; with --multi-objective use --objectives a,b "
-                              "(each in its natural direction: max for accuracies, min for losses)")
-        given = args.objectives or ",".join(DEFAULT_MULTI_OBJECTIVES)
-        names = tuple(n.strip() for n in given.split(",") if n.strip())
-        if len(names) < 2:
-            raise ConfigError(f"--multi-objective needs at least two metrics, got {', '.join(names) or 'none'}")
-        return names, tuple(default_mode(n) for n in names)
-    if args.objectives:
-        raise ConfigError("--objectives is for --multi-objective; for one metric use --objective")
-    name = args.objective or DEFAULT_OBJECTIVE
-    return (name,), (args.mode or default_mode(name),)
-
-
-def settings_from_args(args: argparse.Namespace, space: SearchSpace, cfg: RunConfig) -> TuneSettings:
-    objectives, modes = objectives_of(args)
-    output_dir = Path(args.output_dir or "runs/tune").resolve()
-    name = args.name or space.name
-    if not name or "/" in name:
-        raise ConfigError(f"--name must be a plain folder name, got '{name}'")
-    if (output_dir / name).resolve() == Path(teacher_cache_dir(cfg)).resolve():
-        raise ConfigError(f"--name '{name}' would put the experiment into the teacher cache {output_dir / name}; "
-                          "choose another name")
-    num_samples = (args.num_samples if args.num_samples is not None
-                   else SMOKE["num_samples"] if args.smoke_test else 16)
-    final_attacks = args.final_attacks or (SMOKE["final_attacks"] if args.smoke_test else "")
-    final_examples = args.final_examples or (SMOKE["final_examples"] if args.smoke_test else None)
-    multi = len(objectives) > 1
-    return TuneSettings(
-        space_file=str(Path(space.source).resolve()), experiment_dir=str(output_dir / name),
-        objectives=objectives, modes=modes, num_samples=num_samples, sampler=args.sampler,
-        scheduler=args.scheduler or ("fifo" if multi else "asha"),
-        asha_metric=DEFAULT_OBJECTIVE if multi else objectives[0],
-        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        n_startup_trials=args.n_startup_trials, seed=args.search_seed, storage=args.storage,
-        study_name=name, workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent, epoch_budget=args.epoch_budget,
-        max_failures=args.max_failures,
-        final_attacks=tuple(a.strip() for a in final_attacks.split(",") if a.strip()),
-        final_examples=final_examples, top=args.top, preset=preset_of(args, space), base_config=to_dict(cfg)).validate()
-
-
-def check_final_attacks(settings: TuneSettings, space: SearchSpace, cfg: RunConfig) -> None:
-    if not settings.final_attacks:
-        return
-    for a in settings.final_attacks:
-        if a not in ATTACK_NAMES:
-            raise ConfigError(f"unknown attack '{a}' in --final-attacks; choose from: {', '.join(ATTACK_NAMES)}")
-    bb = [a for a in settings.final_attacks if a in BLACK_BOX]
-    has_robust = cfg.teachers.robust.checkpoint or any("robust" in teacher_roles(m) for m in trial_methods(space, cfg))
-    if bb and not has_robust:
-        raise ConfigError(f"--final-attacks {', '.join(bb)} are crafted on the robust teacher, and no trial's method "
-                          f"({', '.join(trial_methods(space, cfg))}) has one; drop them")
-
-
-def check_experiment_dir(settings: TuneSettings, overwrite: bool) -> None:
-    exp = Path(settings.experiment_dir)
-    if exp.exists() and any(exp.iterdir()) and not overwrite:
-        held = "an experiment" if (exp / SETTINGS_FILE).exists() else "files"
-        raise ConfigError(f"{exp} already holds {held}; pass --resume {exp} to continue it, --overwrite to replace "
-                          "it, or --name to start another")
+    return search.base_config(search_options(args), space)
 
 
 def prepare(args: argparse.Namespace) -> tuple[TuneSettings, SearchSpace, RunConfig]:
     """Everything that can be checked without Ray, in order; nothing is written."""
-    if args.num_samples is not None and args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
-    space_arg = args.space or (SMOKE["space"] if args.smoke_test else None)
-    if not space_arg:
-        raise ConfigError(f"give --space: one of {', '.join(space_names())} or a path to a YAML file "
-                          "(or --smoke-test)")
-    space = load_space(space_arg)
-    cfg = base_config(args, space)
-    settings = settings_from_args(args, space, cfg)
-    check_final_attacks(settings, space, cfg)
-    check_space(space, cfg)  # every corner of the box gives a valid config (after clipping)
-    return settings, space, cfg
+    return search.prepare(search_options(args))
 
 
 def review_from_args(args: argparse.Namespace, console: Console) -> int:
@@ -209,11 +110,6 @@ def review_from_args(args: argparse.Namespace, console: Console) -> int:
     from bmtard_ray.tuning.review import review
 
     return review(Path(args.review), bind_all=args.bind_all, console=console)
-
-
-def has_tune_state(exp: Path) -> bool:
-    """Whether Tune saved an experiment state there (what ``Tuner.restore`` and so --resume need)."""
-    return any(exp.glob("experiment_state-*.json"))
 
 
 def refuse_on_resume(args: argparse.Namespace) -> None:
@@ -236,39 +132,21 @@ def _main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=max(console.width, 160))
     if args.review or args.bind_all:
         return review_from_args(args, console)
-    from bmtard_ray.ray_train import cluster
-    from bmtard_ray.tuning import report, session
+    if args.resume:
+        refuse_on_resume(args)
 
-    launch = session.Launch(address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite, quiet=args.quiet)
-    try:
-        if args.resume:
-            refuse_on_resume(args)
-            on_interrupt(lambda: args.resume if has_tune_state(Path(args.resume)) else None, "run_tune.py")
-            outcome, settings = session.resume(Path(args.resume), launch, console, final_attacks=args.final_attacks,
-                                               final_examples=args.final_examples,
-                                               top=args.top if args.top != 10 else None)
+    def resumable(exp: Path) -> None:
+        on_interrupt(lambda: str(exp) if search.has_tune_state(exp) else None, "run_tune.py")
+
+    found = search.run_search(search_options(args), resume=args.resume, console=console, on_experiment=resumable)
+    if not found.complete:
+        if search.has_tune_state(found.experiment_dir):
+            console.print(f"[yellow]experiment interrupted; continue it with: python run_tune.py --resume "
+                          f"{found.experiment_dir}[/yellow]")
         else:
-            settings, space, cfg = prepare(args)
-            check_experiment_dir(settings, args.overwrite)
-            session.preflight(settings, space, cfg, launch)
-            exp = Path(settings.experiment_dir)
-            on_interrupt(lambda: str(exp) if has_tune_state(exp) else None, "run_tune.py")
-            console.print(f"[bold]search space {space.name}[/bold] ({space.source}): {space.description}")
-            for key, text in describe_space(space):
-                console.print(f"  {key}: {text}")
-            outcome, settings = session.start(settings, space, cfg, launch, console)
-        if not outcome.complete:
-            report.write_partial(outcome, settings, console)
-            if has_tune_state(outcome.experiment_dir):
-                console.print(f"[yellow]experiment interrupted; continue it with: python run_tune.py --resume "
-                              f"{outcome.experiment_dir}[/yellow]")
-            else:
-                console.print("[yellow]experiment interrupted before Tune saved its state; nothing to resume[/yellow]")
-            return 130
-        summary = report.finish(outcome, settings, console)
-        return 0 if summary["best"] is not None else 1
-    finally:
-        cluster.shutdown_ray(launch.started_ray)
+            console.print("[yellow]experiment interrupted before Tune saved its state; nothing to resume[/yellow]")
+        return 130
+    return 0 if found.best is not None else 1
 
 
 main = guarded(_main)

@@ -87,16 +87,17 @@ def dataset_settings(cfg: RunConfig) -> str:
 
 
 def build_config(preset: str | None = None, files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                 extra: dict[str, Any] | None = None) -> RunConfig:
-    """Resolve preset -> files -> ``extra`` (nested dict) -> dotted overrides, then the dataset-dependent
-    defaults of keys none of them set, then validate."""
+                 extra: dict[str, Any] | Sequence[dict[str, Any]] | None = None) -> RunConfig:
+    """Resolve preset -> files -> ``extra`` (a nested dict, or several in order) -> dotted overrides, then the
+    dataset-dependent defaults of keys none of them set, then validate."""
     cfg = RunConfig()
     layers: list[dict[str, Any]] = []
     if preset:
         layers.append(preset_dict(preset))
     layers += [read_yaml(f) for f in files]
-    if extra:
-        layers.append(extra)
+    if isinstance(extra, dict):
+        extra = [extra]
+    layers += [layer for layer in extra or () if layer]
     if overrides:
         layers.append(nest(dict(parse_override(o) for o in overrides)))
     explicit: set[str] = set()

@@ -5,7 +5,9 @@ one may be reused. Its checkpoints are :mod:`bmtard_ray.storage.checkpoints`'.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -13,10 +15,11 @@ from bmtard_ray.config import CONFIG_FORMAT, RunConfig, from_dict, to_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.names import is_robustbench
 from bmtard_ray.storage import checkpoints
-from bmtard_ray.storage.paths import exists, is_uri, join, remove_run, write_text
+from bmtard_ray.storage.paths import exists, filesystem, is_uri, join, remove_run, write_text
 
 CONFIG_FILE = "config.yaml"     # the fully resolved configuration, written when a run starts
 MODEL_FILE = "model.pt"         # the final student, written when a run ends
+SUMMARY_FILE = "summary.json"   # the final evaluation and the run's facts, written last when a run ends
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -57,3 +60,16 @@ def check_run_folder(run_dir: str, *, resume: bool, overwrite: bool) -> None:
         return
     raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                       "or --name to start another")
+
+
+def read_summary(run_dir: str) -> dict[str, Any]:
+    """The summary a finished run left in its folder (local or in remote storage)."""
+    if not is_uri(run_dir):
+        path = Path(run_dir) / SUMMARY_FILE
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path} cannot be read as a run summary ({type(exc).__name__})") from exc
+    fs, path_in = filesystem(run_dir)
+    with fs.open_input_stream(f"{path_in}/{SUMMARY_FILE}") as f:
+        return dict(json.loads(f.read().decode()))

@@ -11,7 +11,7 @@ from bmtard_ray.evaluation.core import EvalResult
 from bmtard_ray.evaluation.report import write_reports
 from bmtard_ray.names import teacher_roles
 from bmtard_ray.runtime import fileio
-from bmtard_ray.storage.run_folder import MODEL_FILE
+from bmtard_ray.storage.run_folder import MODEL_FILE, SUMMARY_FILE
 
 
 def teacher_provenance(cfg: RunConfig) -> dict[str, Any]:
@@ -58,5 +58,5 @@ def write_run_outputs(run_dir: Path, cfg: RunConfig, summary: dict[str, Any], re
     if trace is not None:
         fileio.atomic_parquet(trace, run_dir / "trace.parquet")
     fileio.atomic_parquet(fileio.history_table(history), run_dir / "metrics.parquet")
-    fileio.atomic_text(json.dumps(summary, indent=2, default=str), run_dir / "summary.json")
+    fileio.atomic_text(json.dumps(summary, indent=2, default=str), run_dir / SUMMARY_FILE)
     fileio.atomic_text(summary_markdown(summary), run_dir / "summary.md")
