@@ -26,6 +26,7 @@ from bmtard_ray.evaluation.probe import chance_warning
 from bmtard_ray.evaluation.report import print_table, write_reports
 from bmtard_ray.launch.preflight import probe_writable
 from bmtard_ray.models.files import PYAUTOATTACK, inspect_checkpoint, load_model
+from bmtard_ray.models.refs import check_outputs
 from bmtard_ray.names import (
     ATTACK_NAMES,
     BLACK_BOX,
@@ -33,6 +34,8 @@ from bmtard_ray.names import (
     DEVICES,
     MODEL_NAMES,
     ROBUSTBENCH_MODEL_DIR,
+    check_arch,
+    is_model_ref,
     is_robustbench,
 )
 from bmtard_ray.runtime.device import select_device
@@ -79,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "L-inf model under --model-dir)")
     p.add_argument("--model-dir", default=ROBUSTBENCH_MODEL_DIR, help="RobustBench's model folder, holding "
                    f"<dataset>/Linf/<Name>.pt (default: {ROBUSTBENCH_MODEL_DIR})")
-    p.add_argument("--arch", choices=MODEL_NAMES, help="architecture (needed for public checkpoints)")
+    p.add_argument("--arch", help=f"architecture (needed for public checkpoints and .safetensors files): "
+                   f"{', '.join(MODEL_NAMES)}, timm:<name> or <module>:<callable>")
     p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's dataset, else cifar10")
     p.add_argument("--data-root", default="data", help="folder holding the dataset (default: data)")
     p.add_argument("--split", choices=("test", "val"), default="test",
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoattack-version", default="standard", choices=("standard", "plus", "rand"))
     p.add_argument("--source-checkpoint", default=None,
                    help="robust teacher for the black-box attacks bb_pgd / bb_cw (ours, public, or pyautoattack)")
-    p.add_argument("--source-arch", choices=MODEL_NAMES, help="architecture of a public source checkpoint")
+    p.add_argument("--source-arch", help="architecture of a public source checkpoint (as --arch)")
     p.add_argument("--mean", default=None, help="input normalisation of a public checkpoint: 3 comma-separated numbers")
     p.add_argument("--std", default=None, help="see --mean")
     p.add_argument("--name", default=None, help="model name in the reports (default: the checkpoint's file name)")
@@ -131,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
                                      else next((a for a in attacks if a != "clean"), "pgd_sat"))
     if cfg.headline not in ATTACK_NAMES or cfg.headline == "clean":
         raise ConfigError(f"--headline must be a non-clean attack from: {', '.join(ATTACK_NAMES[1:])}")
+    for flag, arch in (("--arch", args.arch), ("--source-arch", args.source_arch)):
+        if arch is not None:
+            check_arch(arch, f"{flag} model")
     device = select_device(args.device)
     mean, std = _stats(args.mean, "--mean"), _stats(args.std, "--std")
 
@@ -141,15 +148,17 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset or (record or {}).get("dataset") or "cifar10"
     info = dataset_info(dataset)
     loaded = load_model(args.checkpoint, args.arch, info.num_classes, dataset=dataset, mean=mean, std=std,
-                        inspected=found, model_dir=args.model_dir)
+                        inspected=found, model_dir=args.model_dir, default_stats=(info.mean, info.std))
     path = loaded.path
+    if is_model_ref(loaded.arch):  # a user's factory may still give another output shape than the file suggests
+        check_outputs(loaded.model, info.num_classes, info.image_size, f"model {loaded.arch} of {path}")
     # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
     out = Path(args.out) if args.out else Path("eval") if args.checkpoint == PYAUTOATTACK else path.parent / "eval"
     probe_writable(out, "report folder")  # before the evaluation, not after it
     source = None
     if wants_source:
         source = load_model(args.source_checkpoint, args.source_arch, info.num_classes, dataset=dataset,
-                            role="source checkpoint", model_dir=args.model_dir)
+                            role="source checkpoint", model_dir=args.model_dir, default_stats=(info.mean, info.std))
 
     train, test, _ = load_dataset(dataset, args.data_root)
     split_meta: dict[str, Any] = {"split": args.split}
