@@ -291,18 +291,28 @@ def test_a_run_with_a_timm_student_and_a_user_teacher_and_its_evaluation(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next((tmp_path / "eval").glob("*.json")).read_text())
     assert TIMM in json.dumps(report)
-    # bad references from the command line: one line, exit 2, nothing written
-    for args, needle in [(["--student", "timm:resnt18"], "did you mean timm:resnet18?"),
-                         (["--student", "user_models:broken_net"], "raised ValueError: no layout for 10 classes"),
-                         (["--student", "user_models:three_outputs"], "gives outputs of shape (1, 3)")]:
-        proc = cli("run_train.py", "--local", "--preset", "smoke", "--data-root", str(cifar_root), *args,
-                   "--name", "bad", *common, cwd=tmp_path)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
-            proc.stderr[-2000:]
-        assert not (tmp_path / "runs" / "bad").exists()
-    proc = cli("run_eval.py", str(run / "model.pt"), "--arch", "timm:nope_x", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--student", "timm:resnt18"], "did you mean timm:resnet18?"),
+    (["--student", "user_models:broken_net"], "raised ValueError: no layout for 10 classes"),
+    (["--student", "user_models:three_outputs"], "gives outputs of shape (1, 3)"),
+    (["--set", "teachers.clean.arch=user_models:nope"], "module 'user_models'"),
+])
+def test_bad_references_on_the_command_line_are_one_line_exit_2_and_write_nothing(
+        tmp_path: Path, cifar_root: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
+    from bmtard_ray.cli import evaluate, train
+
+    code = train.main(["--local", "--preset", "smoke", "--data-root", str(cifar_root), *args,
+                       "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"teachers.cache_dir={tmp_path / 't'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+    torch.save(build_model("tiny_cnn", 10).state_dict(), tmp_path / "w.pt")
+    assert evaluate.main([str(tmp_path / "w.pt"), "--arch", "timm:nope_x", "--data-root", str(cifar_root)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "unknown timm model 'nope_x'" in lines[0], lines
+    assert list(tmp_path.iterdir()) == [tmp_path / "w.pt"]
 
 
 @pytest.mark.slow
