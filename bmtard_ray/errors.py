@@ -44,6 +44,11 @@ class CheckpointError(BmtardError):
     """A checkpoint file is missing, truncated, of another architecture, or not a checkpoint at all."""
 
 
+class ModelError(BmtardError):
+    """A model named by reference (``timm:<name>``, ``<module>:<callable>``) cannot be built or does not fit the
+    data: an unknown name, an import that fails, a factory that raises, a wrong output shape."""
+
+
 class ClusterError(BmtardError):
     """The Ray cluster cannot give a run what it needs in time (e.g. its workers cannot be placed)."""
 

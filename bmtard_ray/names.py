@@ -6,6 +6,7 @@ Each implementing module asserts that its own table matches the names here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -26,6 +27,13 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHOD_TEACHERS)
 TEACHER_TRAIN_METHODS: tuple[str, ...] = ("natural", "sat", "trades")
 
 MODEL_NAMES: tuple[str, ...] = ("resnet18", "mobilenetv2", "resnet56", "wrn34_10", "wrn70_16", "small_cnn", "tiny_cnn")
+# Besides MODEL_NAMES, an architecture may be named by reference (README, "Your own models and data"):
+# ``timm:<name>`` is a model of the timm library, ``<module>:<callable>`` a factory called with ``num_classes=K``.
+# Only the syntax is checked here; bmtard_ray.models.refs imports and builds them.
+TIMM_PREFIX = "timm:"
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_MODULE_REF = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
+_TIMM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet")
 
 # Evaluation attacks of docs/algorithm.md §8; the black-box ones are crafted on a source model (the robust teacher).
@@ -34,6 +42,40 @@ ATTACK_NAMES: tuple[str, ...] = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_i
 BLACK_BOX: tuple[str, ...] = ("bb_pgd", "bb_cw")
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def is_model_ref(name: object) -> TypeGuard[str]:
+    """Whether ``name`` names an architecture by reference (``timm:<name>`` or ``<module>:<callable>``)."""
+    return isinstance(name, str) and ":" in name and not name.startswith("robustbench:")
+
+
+def is_timm_ref(name: object) -> TypeGuard[str]:
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
+
+
+def check_arch(name: object, what: str) -> None:
+    """``name`` is a built-in architecture or a well-formed reference; ``what`` names the key in errors."""
+    if name in MODEL_NAMES:
+        return
+    if is_timm_ref(name):
+        if not _TIMM_NAME.fullmatch(name[len(TIMM_PREFIX):]):
+            raise ConfigError(f"{what} '{name}' is not a timm model name: write timm:<name>, e.g. timm:resnet18")
+        return
+    if isinstance(name, str) and name.startswith("robustbench:"):
+        raise ConfigError(f"{what} '{name}' names a checkpoint, not an architecture: give it as a teacher's "
+                          f"checkpoint (teachers.<role>.checkpoint)")
+    if is_model_ref(name):
+        if not _MODULE_REF.fullmatch(name):
+            raise ConfigError(f"{what} '{name}' is not a model reference: write <module>:<callable> (a factory "
+                              f"taking num_classes, e.g. my_models:small_net) or timm:<name>")
+        return
+    raise ConfigError(f"unknown {what} '{name}'; choose one of: {', '.join(MODEL_NAMES)}, timm:<name> or "
+                      f"<module>:<callable>")
+
+
+def arch_slug(name: str) -> str:
+    """``name`` as a part of a folder name (a reference's ``:`` and other odd characters become ``-``)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-.") or "model"
 
 
 def teacher_roles(method: str) -> tuple[str, ...]:

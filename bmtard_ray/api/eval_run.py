@@ -26,7 +26,8 @@ from bmtard_ray.evaluation.probe import chance_warning
 from bmtard_ray.evaluation.report import print_table, write_reports
 from bmtard_ray.launch.preflight import probe_writable
 from bmtard_ray.models.files import PYAUTOATTACK, inspect_checkpoint, load_model
-from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, ROBUSTBENCH_MODEL_DIR, is_robustbench
+from bmtard_ray.models.refs import check_outputs
+from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, ROBUSTBENCH_MODEL_DIR, check_arch, is_model_ref, is_robustbench
 from bmtard_ray.runtime.device import select_device
 
 ModelLike = str | Path | nn.Module | TrainResult
@@ -82,6 +83,9 @@ def evaluate(model: ModelLike, config: EvalConfig | Mapping[str, Any] | None = N
         raise ConfigError(f"--headline must be a non-clean attack from: {', '.join(ATTACK_NAMES[1:])}")
     if split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {split!r}")
+    for flag, arch_name in (("--arch", arch), ("--source-arch", source_arch)):
+        if arch_name is not None:
+            check_arch(arch_name, f"{flag} model")
     dev = select_device(device)
     if isinstance(model, TrainResult):
         model = model.model_path
@@ -99,8 +103,12 @@ def evaluate(model: ModelLike, config: EvalConfig | Mapping[str, Any] | None = N
         ds = dataset or (record or {}).get("dataset") or "cifar10"
         info = dataset_info(ds)
         loaded = load_model(spec, arch, info.num_classes, dataset=ds, mean=mean, std=std, inspected=found,
-                            model_dir=model_dir)
+                            model_dir=model_dir, default_stats=(info.mean, info.std))
         net_model, arch_name, path = loaded.model, loaded.arch, loaded.path
+    if is_model_ref(arch_name) or isinstance(model, nn.Module):
+        # a user's factory (or module) may give another output shape than the dataset's classes
+        check_outputs(net_model, info.num_classes, info.image_size, f"model {arch_name}" + (f" of {path}" if path
+                                                                                             else ""))
     # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
     report_dir = (Path(out) if out is not None else None if path is None
                   else Path("eval") if str(model) == PYAUTOATTACK else path.parent / "eval")
@@ -112,7 +120,7 @@ def evaluate(model: ModelLike, config: EvalConfig | Mapping[str, Any] | None = N
         source_model, source_arch_name = source, source_arch or type(source).__name__
     elif source is not None:
         src = load_model(str(source), source_arch, info.num_classes, dataset=ds, role="source checkpoint",
-                         model_dir=model_dir)
+                         model_dir=model_dir, default_stats=(info.mean, info.std))
         source_model, source_path, source_arch_name = src.model, src.path, src.arch
 
     train, test, _ = load_dataset(ds, data_root)

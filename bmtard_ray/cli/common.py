@@ -31,7 +31,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="dotted override, e.g. --set ebb.eta_tau=0.002 (repeatable)")
     g.add_argument("--method", help=f"one of: {', '.join(METHOD_NAMES)}")
-    g.add_argument("--student", help="student architecture")
+    g.add_argument("--student", help="student architecture: a built-in name, timm:<name> or <module>:<callable>")
     g.add_argument("--dataset", help="cifar10, cifar100 or tiny-imagenet")
     g.add_argument("--data-root", help="folder holding cifar-10-batches-py/ etc. (default: data)")
     g.add_argument("--epochs", type=int)

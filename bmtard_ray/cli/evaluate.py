@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "L-inf model under --model-dir)")
     p.add_argument("--model-dir", default=ROBUSTBENCH_MODEL_DIR, help="RobustBench's model folder, holding "
                    f"<dataset>/Linf/<Name>.pt (default: {ROBUSTBENCH_MODEL_DIR})")
-    p.add_argument("--arch", choices=MODEL_NAMES, help="architecture (needed for public checkpoints)")
+    p.add_argument("--arch", help=f"architecture (needed for public checkpoints and .safetensors files): "
+                   f"{', '.join(MODEL_NAMES)}, timm:<name> or <module>:<callable>")
     p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's dataset, else cifar10")
     p.add_argument("--data-root", default="data", help="folder holding the dataset (default: data)")
     p.add_argument("--split", choices=("test", "val"), default="test",
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoattack-version", default="standard", choices=("standard", "plus", "rand"))
     p.add_argument("--source-checkpoint", default=None,
                    help="robust teacher for the black-box attacks bb_pgd / bb_cw (ours, public, or pyautoattack)")
-    p.add_argument("--source-arch", choices=MODEL_NAMES, help="architecture of a public source checkpoint")
+    p.add_argument("--source-arch", help="architecture of a public source checkpoint (as --arch)")
     p.add_argument("--mean", default=None, help="input normalisation of a public checkpoint: 3 comma-separated numbers")
     p.add_argument("--std", default=None, help="see --mean")
     p.add_argument("--name", default=None, help="model name in the reports (default: the checkpoint's file name)")

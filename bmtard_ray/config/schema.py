@@ -107,7 +107,8 @@ class OptimConfig:
 @dataclass
 class TeacherConfig:
     """A frozen teacher: loaded from ``checkpoint`` or trained once by the toolkit and cached."""
-    arch: str = "resnet56"
+    arch: str = "resnet56"           # a MODEL_NAMES entry, timm:<name> or <module>:<callable>
+    pretrained: bool = False         # timm:<name> only: a teacher the toolkit trains starts from timm's weights
     checkpoint: str | None = None    # a path, "pyautoattack" or robustbench:<Name> (see names.ROBUSTBENCH_KNOWN)
     # Used when no checkpoint: natural (clean) / sat / trades (robust), at that method's defaults (never the student's).
     train_method: str = "natural"
@@ -146,7 +147,8 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     device: str = "auto"
-    student: str = "resnet18"
+    student: str = "resnet18"        # a MODEL_NAMES entry, timm:<name> or <module>:<callable>
+    student_pretrained: bool = False  # timm:<name> only: start from timm's pretrained weights (fetched, never silently)
     fast: bool = True                # channels_last (CPU and GPU) + bf16 autocast (GPU only)
     compile: bool = False            # torch.compile the student and teachers (GPU)
     sync_every_step: bool = False    # reference mode: .item() every step like the released code

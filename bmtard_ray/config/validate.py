@@ -11,10 +11,11 @@ from bmtard_ray.names import (
     DATASET_NAMES,
     DEVICES,
     METHOD_NAMES,
-    MODEL_NAMES,
     TEACHER_TRAIN_METHODS,
+    check_arch,
     check_robustbench_dataset,
     is_robustbench,
+    is_timm_ref,
     robustbench_name,
 )
 
@@ -32,7 +33,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     c = cfg
     _check(c.method.name in METHOD_NAMES,
            f"unknown method '{c.method.name}'; choose one of: {', '.join(METHOD_NAMES)}")
-    _check(c.student in MODEL_NAMES, f"unknown student model '{c.student}'; choose one of: {', '.join(MODEL_NAMES)}")
+    check_arch(c.student, "student model")
+    _check(not c.student_pretrained or is_timm_ref(c.student),
+           f"student_pretrained needs a timm:<name> student (pretrained weights come from timm), got '{c.student}'")
     _check(c.data.dataset in DATASET_NAMES,
            f"unknown dataset '{c.data.dataset}'; choose one of: {', '.join(DATASET_NAMES)}")
     _check(c.device in DEVICES, f"unknown device '{c.device}'; choose one of: {', '.join(DEVICES)}")
@@ -94,8 +97,12 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"optim.milestones must be increasing positive epochs, got {list(o.milestones)}")
     for role in ("clean", "robust"):
         t: TeacherConfig = getattr(c.teachers, role)
-        _check(t.arch in MODEL_NAMES,
-               f"unknown teachers.{role}.arch '{t.arch}'; choose one of: {', '.join(MODEL_NAMES)}")
+        check_arch(t.arch, f"teachers.{role}.arch")
+        _check(not t.pretrained or is_timm_ref(t.arch),
+               f"teachers.{role}.pretrained needs a timm:<name> arch (pretrained weights come from timm), "
+               f"got '{t.arch}'")
+        _check(not (t.pretrained and t.checkpoint), f"teachers.{role}.pretrained starts a teacher the toolkit trains "
+               f"from timm's weights; with teachers.{role}.checkpoint set it would be ignored: drop one of them")
         _check(t.train_method in TEACHER_TRAIN_METHODS,
                f"teachers.{role}.train_method must be natural, sat or trades, got '{t.train_method}'")
         _check(t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0,

@@ -18,6 +18,7 @@ from bmtard_ray.models.files import (
                                           read_state_dict,
 )
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
+from bmtard_ray.models.refs import attach_normalization, build_ref, check_outputs, normalization_of
 from bmtard_ray.models.resnet import ProjectionResNet56, ResNet18, ResNet56
 from bmtard_ray.models.small import InputNormalization, SmallCNN, TinyCNN
 from bmtard_ray.models.wideresnet import DMWideResNet, WideResNet
@@ -27,5 +28,5 @@ __all__ = [
     "MODEL_NAMES", "LAYOUTS", "build_model", "layout_for_keys", "load_model", "load_pretrained", "inspect_checkpoint",
     "LoadedModel", "model_record", "count_parameters", "load_weights", "read_state_dict", "pyautoattack_resnet18_path",
     "CheckpointError", "InputNormalization", "ResNet18", "ResNet56", "ProjectionResNet56", "MobileNetV2", "WideResNet",
-    "DMWideResNet", "SmallCNN", "TinyCNN",
+    "DMWideResNet", "SmallCNN", "TinyCNN", "build_ref", "check_outputs", "attach_normalization", "normalization_of",
 ]

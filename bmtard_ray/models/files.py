@@ -19,15 +19,19 @@ import torch.nn as nn
 
 from bmtard_ray.config import RunConfig, to_dict
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.models.formats import SUFFIX as SAFETENSORS_SUFFIX
+from bmtard_ray.models.formats import is_safetensors, read_safetensors
+from bmtard_ray.models.refs import normalization_of, pretrained_stats
 from bmtard_ray.models.robustbench import RobustBenchModel, resolve_robustbench
 from bmtard_ray.models.small import InputNormalization
 from bmtard_ray.models.zoo import LAYOUTS, build_model, layout_for_keys
-from bmtard_ray.names import MODEL_NAMES, ROBUSTBENCH_MODEL_DIR, is_robustbench
+from bmtard_ray.names import MODEL_NAMES, ROBUSTBENCH_MODEL_DIR, is_model_ref, is_robustbench, is_timm_ref
 from bmtard_ray.storage import checkpoints
 
 if TYPE_CHECKING:
     from bmtard_ray.data import DatasetInfo
 
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
 PYAUTOATTACK = "pyautoattack"  # the alias a teacher config also accepts
 MODEL_FORMAT = "bmtard_ray.model/1"  # format tag of our model files (students and trained teachers)
 
@@ -93,6 +97,8 @@ def _torch_load(path: Path) -> object:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e.strerror or str(e))}") from None
     _check_not_text(path, head)
+    if is_safetensors(path, head):
+        return read_safetensors(path)
     looks_like_torch = head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03",
                                                                                                b"\x04", b"\x05"))
     err: Exception
@@ -261,7 +267,11 @@ def pyautoattack_resnet18_path() -> Path:
 
 def model_record(model: nn.Module, arch: str, info: DatasetInfo, cfg: RunConfig, extra: dict[str, Any] | None = None,
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
-    """The format every saved model (student or teacher) uses, readable with ``weights_only=True``."""
+    """The format every saved model (student or teacher) uses, readable with ``weights_only=True``.
+
+    A referenced model (``timm:<name>``) records the normalisation it was built with unless ``mean``/``std`` say."""
+    if mean is None and std is None and (attached := normalization_of(model)) is not None:
+        mean, std = tuple(attached[0]), tuple(attached[1])
     return {"format": MODEL_FORMAT, "arch": arch, "num_classes": info.num_classes, "dataset": info.name,
             "mean": list(mean) if mean else None, "std": list(std) if std else None,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -300,6 +310,8 @@ def inspect_checkpoint(spec: str) -> Inspected:
         problem = None
     except CheckpointError as exc:
         problem = exc  # fatal unless the file is one of our training checkpoints (weights under "student")
+    if problem is None and path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return Inspected(path, None)  # tensors only: the architecture comes from --arch / teachers.<role>.arch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # damaged: read_state_dict has already said how, in one line
@@ -325,14 +337,14 @@ def inspect_checkpoint(spec: str) -> Inspected:
 
 def load_pretrained(name: str, num_classes: int, path: str | os.PathLike, *,
                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                    key: str | None = None) -> nn.Module:
+                    key: str | None = None, default_stats: Stats | None = None) -> nn.Module:
     """``name`` in the layout the checkpoint's keys say (``LAYOUTS``), with its weights loaded strictly.
 
     A checkpoint of none of the layouts is loaded into the default one, so that load_weights' one-line error
     says what does not fit.
     """
     layout = layout_for_keys(name, set(read_state_dict(path, key=key))) if name in LAYOUTS else None
-    model = build_model(name, num_classes, mean=mean, std=std, layout=layout)
+    model = build_model(name, num_classes, mean=mean, std=std, layout=layout, default_stats=default_stats)
     load_weights(model, path, key=key)
     return model
 
@@ -347,9 +359,11 @@ def _arch_flag(role: str) -> str:
 def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
                mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                role: str = "checkpoint", inspected: Inspected | None = None,
-               model_dir: str | os.PathLike = ROBUSTBENCH_MODEL_DIR) -> LoadedModel:
+               model_dir: str | os.PathLike = ROBUSTBENCH_MODEL_DIR, default_stats: Stats | None = None) -> LoadedModel:
     """Build the architecture (in the layout the file's keys say) and load the weights strictly (one-line
-    CheckpointError otherwise). ``robustbench:<Name>`` is looked up under ``model_dir`` (models.robustbench)."""
+    CheckpointError otherwise). ``robustbench:<Name>`` is looked up under ``model_dir`` (models.robustbench).
+    ``default_stats``: the dataset's mean/std, which normalise a ``timm:<name>`` model that ``mean``/``std`` and
+    the file leave without statistics (as a run trains it). Pretrained weights are never fetched here."""
     flag = _arch_flag(role)
     if is_robustbench(spec):
         found_rb = resolve_robustbench(spec, arch, dataset=dataset, model_dir=Path(model_dir), mean=mean, std=std,
@@ -369,9 +383,13 @@ def load_model(spec: str, arch: str | None, num_classes: int, *, dataset: str,
                                   f"{num_classes}")
         mean = tuple(record["mean"]) if record.get("mean") else mean
         std = tuple(record["std"]) if record.get("std") else std
+        if mean is None and is_timm_ref(arch) and (record.get("config") or {}).get("student_pretrained"):
+            stats = pretrained_stats(arch)  # a training checkpoint of a pretrained timm student
+            mean, std = tuple(stats[0]), tuple(stats[1])
     elif spec == PYAUTOATTACK:
         arch = arch or "resnet18"  # kuangliu layout, no normalisation
     if arch is None:
         raise ConfigError(f"{role} {path} is a plain state dict: say which architecture it is with {flag}")
-    model = load_pretrained(arch, num_classes, path, mean=mean, std=std, key=found.key)
+    model = load_pretrained(arch, num_classes, path, mean=mean, std=std, key=found.key,
+                            default_stats=default_stats if is_model_ref(arch) else None)
     return LoadedModel(model, arch, path, record)

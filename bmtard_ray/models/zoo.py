@@ -10,10 +10,11 @@ import torch.nn as nn
 
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.models.mobilenetv2 import MobileNetV2
+from bmtard_ray.models.refs import build_ref
 from bmtard_ray.models.resnet import ProjectionResNet56, ResNet18, ResNet56
 from bmtard_ray.models.small import SmallCNN, TinyCNN
 from bmtard_ray.models.wideresnet import DMWideResNet, WideResNet
-from bmtard_ray.names import MODEL_NAMES
+from bmtard_ray.names import MODEL_NAMES, check_arch, is_model_ref
 
 Stats = Sequence[float] | None
 
@@ -53,13 +54,17 @@ def _check_stats(name: str, values: Stats) -> tuple[float, float, float] | None:
 
 
 def build_model(name: str, num_classes: int, *, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, layout: str | None = None) -> nn.Module:
+                std: Sequence[float] | None = None, layout: str | None = None, pretrained: bool = False,
+                default_stats: tuple[Sequence[float], Sequence[float]] | None = None) -> nn.Module:
     """A freshly initialised model by name; ``mean``/``std`` (both or neither) normalise [0, 1] inputs inside.
 
     ``layout`` chooses among the parameter layouts of an architecture listed in ``LAYOUTS`` (default: its first).
+    ``name`` may also be a reference (``timm:<name>``, ``<module>:<callable>``: models.refs); ``pretrained``
+    (timm only) starts from timm's weights, and ``default_stats`` (the dataset's mean/std) normalise a timm model
+    whose statistics neither ``mean``/``std`` nor its pretrained weights give.
     """
     if name not in _BUILDERS:
-        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")
+        check_arch(name, "model")  # one line for a malformed reference or an unknown name
     variants = LAYOUTS.get(name, {})
     if layout is not None and layout not in variants:
         known = ", ".join(variants) if variants else "none (it has one layout)"
@@ -71,8 +76,14 @@ def build_model(name: str, num_classes: int, *, mean: Sequence[float] | None = N
         raise ConfigError("give both mean and std for input normalisation, or neither")
     if s is not None and min(s) <= 0:
         raise ConfigError(f"std must be positive, got {std!r}")
-    builder = variants[layout] if layout is not None else _BUILDERS[name]
-    model = builder(int(num_classes), m, s)
+    if is_model_ref(name):
+        model = build_ref(name, int(num_classes), stats=(m, s) if m is not None and s is not None else None,
+                          pretrained=pretrained, default_stats=default_stats)
+    elif pretrained:
+        raise ConfigError(f"model '{name}' has no pretrained weights here (only timm:<name> models do)")
+    else:
+        builder = variants[layout] if layout is not None else _BUILDERS[name]
+        model = builder(int(num_classes), m, s)
     model.arch_name = name  # named in load_weights' errors
     model.layout = layout or next(iter(variants), None)
     return model

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from bmtard_ray.errors import CheckpointError, ConfigError
+from bmtard_ray.models.refs import normalization_of
+from bmtard_ray.names import is_model_ref
 from bmtard_ray.runtime import fileio
 
 
@@ -30,8 +32,13 @@ def _bytes(t: Tensor) -> bytes:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """A hash of every parameter's and buffer's name and values: which teacher this is."""
+    """A hash of every parameter's and buffer's name and values: which teacher this is. A model named by
+    reference (``timm:<name>``, ``<module>:<callable>``) adds its full name and input normalisation, so two
+    references never share an entry (the built-in names keep the keys they always had)."""
     h = hashlib.blake2b(digest_size=16)
+    arch = getattr(model, "arch_name", None)
+    if is_model_ref(arch):
+        h.update(f"arch={arch}|normalization={normalization_of(model)}".encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())

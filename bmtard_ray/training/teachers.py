@@ -27,8 +27,10 @@ from bmtard_ray.config import MethodConfig, RunConfig, TeacherConfig, from_dict,
 from bmtard_ray.data import DatasetInfo, Split
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.probe import chance_warning, probe_accuracy
+from bmtard_ray.models import build_model
 from bmtard_ray.models.files import PYAUTOATTACK, LoadedModel, load_model
-from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR, teacher_roles
+from bmtard_ray.models.refs import check_outputs, check_pretrained
+from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR, arch_slug, is_model_ref, teacher_roles
 from bmtard_ray.runtime import fileio
 from bmtard_ray.runtime.device import select_device
 
@@ -62,7 +64,8 @@ def _load_teacher_file(role: str, tc: TeacherConfig, info: DatasetInfo, model_di
                           f"the teachers) or set teachers.{role}.checkpoint")
     # One loader for every model file: our own format carries its architecture and normalisation.
     return load_model(tc.checkpoint, None if tc.checkpoint == PYAUTOATTACK else tc.arch, info.num_classes,
-                      dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher", model_dir=model_dir)
+                      dataset=info.name, mean=tc.mean, std=tc.std, role=f"{role} teacher", model_dir=model_dir,
+                      default_stats=(info.mean, info.std))
 
 
 def load_teacher(role: str, tc: TeacherConfig, info: DatasetInfo, device: torch.device,
@@ -75,6 +78,24 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def check_model_refs(cfg: RunConfig, info: DatasetInfo) -> None:
+    """Build every model the run names by reference (the student, each teacher it trains) on the CPU and run
+    one image of the dataset's size through it, so an import, a factory or a class count that fails does so
+    before anything is written; pretrained weights asked for must be cached or the hub reachable (no download)."""
+    trained: list[TeacherConfig] = [getattr(cfg.teachers, r) for r in teacher_roles(cfg.method.name)]
+    wanted = [(cfg.student, cfg.student_pretrained, f"student {cfg.student}")]
+    wanted += [(tc.arch, tc.pretrained, f"{r} teacher {tc.arch}") for r, tc in zip(teacher_roles(cfg.method.name),
+                                                                                      trained, strict=True)
+               if not tc.checkpoint]
+    for arch, pretrained, what in wanted:
+        if not is_model_ref(arch):
+            continue
+        if pretrained:
+            check_pretrained(arch)
+        check_outputs(build_model(arch, info.num_classes, default_stats=(info.mean, info.std)), info.num_classes,
+                      info.image_size, what)
+
+
 def check_given_teachers(cfg: RunConfig, info: DatasetInfo, probe: Split | None = None,
                          warn: Callable[[str], None] = _warn) -> None:
     """Load every teacher the user pointed at (on the CPU) so a bad file fails before anything is trained.
@@ -83,11 +104,14 @@ def check_given_teachers(cfg: RunConfig, info: DatasetInfo, probe: Split | None 
     teacher near chance gets a warning: strict loading checks the layout, not the input normalisation the
     weights expect (our own model files record theirs).
     """
+    check_model_refs(cfg, info)
     for role in teacher_roles(cfg.method.name):
         tc: TeacherConfig = getattr(cfg.teachers, role)
         if not tc.checkpoint:
             continue
         loaded = _load_teacher_file(role, tc, info, cfg.teachers.model_dir)
+        if is_model_ref(loaded.arch):
+            check_outputs(loaded.model, info.num_classes, info.image_size, f"the {role} teacher {tc.checkpoint}")
         if probe is None or len(probe) == 0 or loaded.record is not None:
             continue
         device = select_device(cfg.device)
@@ -106,7 +130,7 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
     # A teacher trains with its own method at that method's defaults: nothing in the student's method section
     # (its name, TRADES' beta, ARD's alpha, ...) may change which teacher a run gets.
     t.method = MethodConfig(name=tc.train_method)
-    t.student = tc.arch
+    t.student, t.student_pretrained = tc.arch, tc.pretrained
     t.optim.epochs, t.optim.lr, t.optim.batch_size, t.optim.milestones = tc.epochs, tc.lr, tc.batch_size, tc.milestones
     t.trace = False
     t.val_every = 0
@@ -122,7 +146,8 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
            "method": to_dict(t.method), "optim": {"momentum": cfg.optim.momentum,
            "weight_decay": cfg.optim.weight_decay, "gamma": cfg.optim.gamma}, "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    t.name = f"{role}-{tc.arch}-{tc.train_method}-{tc.epochs}ep-{digest}"
+    # The digest holds the full architecture name (a reference's too); the folder name a readable form of it.
+    t.name = f"{role}-{arch_slug(tc.arch)}-{tc.train_method}-{tc.epochs}ep-{digest}"
     t.output_dir = teacher_cache_dir(cfg)
     t.teachers = type(cfg.teachers)()  # a teacher needs no teachers
     return t

@@ -143,7 +143,8 @@ class Trainer:
         # kernel (BENCHMARKS.md, "The CPU path": 1.6x on the cpu preset's step).
         self.fast = cfg.fast and self.device.type == "cuda"
         self.channels_last = cfg.fast
-        self.student = build_model(cfg.student, info.num_classes).to(self.device)
+        self.student = build_model(cfg.student, info.num_classes, pretrained=cfg.student_pretrained,
+                                   default_stats=(info.mean, info.std)).to(self.device)
         if self.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             for t in (self.teachers.clean, self.teachers.robust):

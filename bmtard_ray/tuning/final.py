@@ -19,6 +19,7 @@ from bmtard_ray.data import prepare_data
 from bmtard_ray.errors import CheckpointError
 from bmtard_ray.models import build_model
 from bmtard_ray.models.files import model_record
+from bmtard_ray.models.refs import pretrained_stats
 from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, teacher_roles
 from bmtard_ray.runtime import fileio
 from bmtard_ray.runtime.device import select_device
@@ -71,7 +72,9 @@ def evaluate_best(record: TrialRecord, settings: TuneSettings, out: Path, consol
     cfg = from_dict(state["config"])
     device = select_device(cfg.device)
     data = prepare_data(cfg)
-    student = build_model(cfg.student, data.info.num_classes).to(device)
+    # The trained weights replace timm's: only the normalisation a pretrained student trained with is needed.
+    stats = pretrained_stats(cfg.student) if cfg.student_pretrained else (data.info.mean, data.info.std)
+    student = build_model(cfg.student, data.info.num_classes, default_stats=stats).to(device)
     student.load_state_dict(state["student"])
     student.eval()
     attacks = tuple(settings.final_attacks) or suite(cfg, device)

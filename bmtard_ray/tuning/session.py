@@ -25,7 +25,7 @@ from bmtard_ray.ray_train import cluster
 from bmtard_ray.ray_train.node_preflight import preflight_nodes
 from bmtard_ray.ray_train.scaling import ScalingOptions
 from bmtard_ray.runtime import fileio
-from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, roles_to_train
+from bmtard_ray.training.teachers import check_given_teachers, check_model_refs, ensure_teachers, roles_to_train
 from bmtard_ray.tuning import experiment
 from bmtard_ray.tuning.review import sqlite_file
 from bmtard_ray.tuning.settings import CLUSTER_FILE, TuneSettings, max_concurrent_trials, resolve_gpus
@@ -101,6 +101,9 @@ def preflight(settings: TuneSettings, space: SearchSpace, cfg: RunConfig, launch
     data = prepare_data(cfg)            # a missing data folder fails here, before Ray starts
     check_batches(cfg, data, to_train)  # the base config's batches and every teacher still to train
     check_given_teachers(cfg, data.info, data.val)
+    if "student" in space.keys:  # every student a trial may get is built once, as the base config's is
+        for student in space.param("student").choices:
+            check_model_refs(from_dict(to_dict(cfg) | {"student": student, "student_pretrained": False}), data.info)
     if cluster.cluster_address(launch.address):
         # Joining a cluster starts nothing here, so it happens first: a dead address or a refused token
         # fails in seconds, before any teacher is trained.
