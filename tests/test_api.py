@@ -61,7 +61,7 @@ def test_train_then_evaluate_from_python(tmp_path: Path, cifar_root: Path) -> No
               "method": {"name": "sat"}, "optim.epochs": 1}
     result = bmtard_ray.train(config, preset="smoke")
     assert Path(result.run_dir) == (tmp_path / "runs" / "api").resolve()
-    assert result.summary["test"]["n_examples"] == 64 and result.config.method.name == "sat"
+    assert result.summary["results"]["test"]["n_examples"] == 64 and result.config.method.name == "sat"
     model = result.model
     assert isinstance(model, torch.nn.Module) and not model.training
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -75,6 +75,19 @@ def test_train_then_evaluate_from_python(tmp_path: Path, cifar_root: Path) -> No
     assert on_module.reports == {}
     # resuming a finished run is a no-op that still returns its summary
     again = bmtard_ray.train({"device": "cpu"}, resume=result.run_dir)
-    assert again.summary["test"] == result.summary["test"]
+    assert again.summary["results"] == result.summary["results"]
     with pytest.raises(ConfigError, match="student cannot change"):
         bmtard_ray.train({"student": "small_cnn"}, resume=result.run_dir)
+
+
+@pytest.mark.slow
+def test_a_smoke_search_over_a_timm_student_from_python(tmp_path: Path, cifar_root: Path) -> None:
+    found = bmtard_ray.search(smoke_test=True, config={"student": "timm:test_resnet", "data.root": str(cifar_root)},
+                              num_samples=2, num_cpus=2, output_dir=str(tmp_path / "runs"), final_attacks="clean",
+                              quiet=True)
+    assert found.complete and found.best is not None, found.summary
+    assert found.experiment_dir == (tmp_path / "runs" / "smoke").resolve()
+    assert found.summary["trials"] == 2 and found.summary["errored"] == 0
+    model = found.model
+    assert type(model).__module__.startswith("timm."), type(model)  # timm's class, normalising inside
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
