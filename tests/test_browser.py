@@ -142,6 +142,8 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
         assert ray_url == json.loads((exp / "ray_cluster.json").read_text())["dashboard_url"]  # the search's own
         token = auth_token()
         assert "ray get-auth-token" in out and token not in out
+        # It names the search's own cluster only after checking its identity (session name, GCS address).
+        assert "the search's own cluster (session" in out or "cannot be verified as the search's cluster" in out, out
 
         # The Ray dashboard while trials run: its token prompt, then the training workers in the Actors view.
         browser.get(ray_url)  # type: ignore[attr-defined]
@@ -170,24 +172,43 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
         study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{exp / 'optuna.db'}")
         states = sorted({t.state.name.capitalize() for t in study.trials})  # Complete, and Pruned if ASHA stopped one
         assert set(states) <= {"Complete", "Pruned"}, states
+        chosen = study.user_attrs["selected_trial"]
+        stop_review(review, [study_url, tb_url])
+        # --review on the finished search: its cluster has ended, and --review says so rather than send the user
+        # to whatever listens on that port now; the importance panel's basis is flagged (8 trials < 10).
+        review, out = start_review(exp)
+        study_url, tb_url = (url_of(out, name) for name in ("Optuna study", "TensorBoard"))
+        assert "has ended" in out and "Ray dashboard:  http" not in out, out
+        assert "importance" in out, out
 
         # optuna-dashboard, now that the search has finished (the same server, reading the live database).
         browser.get(study_url)  # type: ignore[attr-defined]
+        # The study page answers the four questions: which trial is best, whether it beats the runner-up beyond
+        # the validation noise, whether its balance reached its target, and where its run is.
         wait_for(browser, ["smoke", "val_w_robust", "Best Trial", "Study User Attributes", "preset", "smoke-search",
-                           "selected_trial", "test_w_robust", "Intermediate values", "optim.lr"], shots, "optuna-study")
+                           "selected_trial", "versus_runner_up", chosen["versus_runner_up"].split(":")[0],
+                           "balance", chosen["balance"].split(":")[0], "run_folder", Path(chosen["run_folder"]).name,
+                           "test_w_robust", "Intermediate values", "optim.lr"], shots, "optuna-study")
         screenshot(browser, shots, "review-optuna-study")
-        browser.get(f"{study_url}/trials")  # type: ignore[attr-defined]
+        # The selected trial's own page: its outcome and its balance as user attributes.
+        browser.get(f"{study_url}/trials?numbers={chosen['number']}")  # type: ignore[attr-defined]
         params = ["ebb.target_entropy", "ebb.eta_tau", "nlb.rho", "optim.lr"]
         wait_for(browser, [f"Trial {t.number}" for t in study.trials] + [*states, "Intermediate Values",
-                 "ray_trial_id", "run_folder", "val_w_robust_se", "tau_adv_at_bound", "H_target", *params],
+                 "ray_trial_id", "run_folder", "val_w_robust_se", "tau_adv_at_bound", "H_target", "H_adv", *params],
                  shots, "optuna-trials")
         screenshot(browser, shots, "review-optuna-trials")
 
-        # TensorBoard: every trial's validation W-Robust curve, its run named by Optuna number then Ray id.
-        browser.get(f"{tb_url}#scalars&_smoothingWeight=0&tagFilter=val_w_robust")  # type: ignore[attr-defined]
+        # TensorBoard: the runs named by Optuna number then Ray id; the custom layout puts the teachers'
+        # entropies beside the target they aim at (smoothing off).
         runs = [p.name for p in (exp / "tensorboard").iterdir()]
         assert sorted(runs) == sorted(f"{t.number:03d}_{t.user_attrs['ray_trial_id']}" for t in study.trials)
+        browser.get(f"{tb_url}#scalars&_smoothingWeight=0&tagFilter=val_w_robust")  # type: ignore[attr-defined]
         wait_for(browser, ["validation/val_w_robust", *runs], shots, "tensorboard")
+        best_run = f"{chosen['number']:03d}_{chosen['ray_trial_id']}"
+        browser.get(f"{tb_url}#custom_scalars&_smoothingWeight=0&regexInput={best_run}")  # type: ignore[attr-defined]
+        wait_for(browser, ["balance against its target", "teacher entropies and the target (nats)"], shots,
+                 "tensorboard-custom")
+        time.sleep(3)  # the charts draw after their titles
         screenshot(browser, shots, "review-tensorboard")
 
         stop_review(review, [study_url, tb_url])  # Ctrl-C: both servers stop, their ports close

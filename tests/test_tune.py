@@ -576,7 +576,15 @@ def check_experiment(exp: Path, n_trials: int, multi: bool = False) -> list[dict
     attrs = study.user_attrs
     assert attrs["space"] == "smoke" and attrs["preset"] == "smoke-search"
     assert attrs["objectives"] == ({"val_clean": "max", "val_robust": "max"} if multi else {"val_w_robust": "max"})
-    assert attrs["selected_trial"] == {"ray_trial_id": best["trial_id"], "number": by_id[best["trial_id"]].number}
+    chosen = attrs["selected_trial"]
+    assert (chosen["ray_trial_id"], chosen["number"]) == (best["trial_id"], by_id[best["trial_id"]].number)
+    # ... with the answers a reader needs: beyond noise or not, the balance, where the run is.
+    assert chosen["versus_runner_up"].startswith(("tied", "ahead of the runner-up"))
+    assert chosen["runner_up"]["number"] != chosen["number"]
+    assert any(w in chosen["balance"] for w in ("target", "equalised", "apart", "did NOT act")), chosen["balance"]
+    assert Path(chosen["run_folder"]).is_dir() and Path(chosen["run_folder"]).name.startswith(
+        f"trial{chosen['number']:03d}_")
+    assert f"**Selected: trial {chosen['number']}**" in board and chosen["versus_runner_up"] in board
     assert attrs["test_w_robust"] == pytest.approx(report["w_robust"] | {"n_examples": 64})
     import torch
     model = torch.load(exp / "best" / "model.pt", weights_only=True)

@@ -23,6 +23,7 @@ from bmtard_ray.tuning.results import (
 )
 from bmtard_ray.tuning.searcher import set_study_attrs
 from bmtard_ray.tuning.settings import TB_DIR, TuneSettings
+from bmtard_ray.tuning.verdict import verdict, verdict_markdown
 
 TABLE = "trials.parquet"
 LEADERBOARD = "leaderboard.md"
@@ -55,19 +56,30 @@ def trajectories(record: TrialRecord, state: dict[str, Any] | None) -> tuple[dic
     return cols, [h.get("epoch", i + 1) for i, h in enumerate(hist)], "epoch"
 
 
-def record_selection(settings: TuneSettings, trial_id: str, final: FinalResult) -> None:
-    """The selected trial and its test result, as attributes of the Optuna study (optuna-dashboard shows them)."""
+def trial_numbers(settings: TuneSettings) -> dict[str, int]:
+    """Ray trial id -> Optuna trial number, from the study (the number names the trial everywhere a user looks)."""
+    try:
+        study = open_study(settings)
+    except Exception:  # an unreadable study costs the numbers, not the report
+        return {}
+    return {str(t.user_attrs["ray_trial_id"]): t.number for t in study.get_trials(deepcopy=False)
+            if "ray_trial_id" in t.user_attrs}
+
+
+def record_selection(settings: TuneSettings, found: dict[str, Any], final: FinalResult) -> None:
+    """The selected trial, the answers about it (versus the runner-up, its balance, its run folder) and its test
+    result, as attributes of the Optuna study: optuna-dashboard's study page shows them."""
     study = open_study(settings)
-    number = next((t.number for t in study.get_trials(deepcopy=False)
-                   if t.user_attrs.get("ray_trial_id") == trial_id), None)
-    set_study_attrs(study, {"selected_trial": {"ray_trial_id": trial_id, "number": number},
+    set_study_attrs(study, {"selected_trial": found,
                             "test_w_robust": final.w_robust | {"n_examples": final.n_examples}})
 
 
 def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[str, Any]:
     exp, records = outcome.experiment_dir, outcome.records
     write_table(records, settings, exp / TABLE)
-    fileio.atomic_text(leaderboard_markdown(records, settings, title(settings)), exp / LEADERBOARD)
+    found = verdict(records, settings, trial_numbers(settings))
+    fileio.atomic_text(leaderboard_markdown(records, settings, title(settings)) + verdict_markdown(found),
+                       exp / LEADERBOARD)
     console.print(leaderboard_table(records, settings, settings.top, title(settings)))
     best = best_record(records, settings)
     figs = exp / PLOTS
@@ -90,7 +102,10 @@ def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[s
         series, x, xlabel = trajectories(best, final.state)
         plots.plot_trajectories(series, x, xlabel, figs / "best_trajectories.png",
                                 f"trial {best.trial_id}: temperatures and loss weights")
-        record_selection(settings, best.trial_id, final)
+        if found is not None:
+            record_selection(settings, found, final)
+            console.print(f"trial {found['number']}: {found['versus_runner_up']}\nits balance "
+                          f"{found['balance']}", soft_wrap=True, markup=False)
         summary["best"] = {"trial_id": best.trial_id, "params": best.params, "effective": best.effective,
                            "validation": {k: best.metrics.get(k) for k in ("val_clean", "val_robust", "val_w_robust")},
                            "test": {"n_examples": final.n_examples, "accuracy": final.accuracy,
