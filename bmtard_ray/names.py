@@ -26,7 +26,10 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHOD_TEACHERS)
 TEACHER_TRAIN_METHODS: tuple[str, ...] = ("natural", "sat", "trades")
 
 MODEL_NAMES: tuple[str, ...] = ("resnet18", "mobilenetv2", "resnet56", "wrn34_10", "wrn70_16", "small_cnn", "tiny_cnn")
-DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet")
+DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "npz")
+# Datasets given by reference (data.root names the user's own folder or .npz file): their classes, sizes and
+# statistics come from the data itself (bmtard_ray.data.references), not from a table.
+REFERENCE_DATASETS: tuple[str, ...] = ("imagefolder", "npz")
 
 # Evaluation attacks of docs/algorithm.md §8; the black-box ones are crafted on a source model (the robust teacher).
 ATTACK_NAMES: tuple[str, ...] = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack", "square",

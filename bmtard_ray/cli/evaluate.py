@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bmtard_ray.cli.common import guarded
-from bmtard_ray.config import EvalConfig
-from bmtard_ray.data import dataset_info, load_dataset, train_val_split
+from bmtard_ray.config import DataConfig, EvalConfig
+from bmtard_ray.data import load_dataset, num_classes, train_val_split
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.evaluation.core import check_attacks, evaluate
 from bmtard_ray.evaluation.probe import chance_warning
@@ -139,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
     found = None if is_robustbench(args.checkpoint) else inspect_checkpoint(args.checkpoint)
     record = found.record if found is not None else None
     dataset = args.dataset or (record or {}).get("dataset") or "cifar10"
-    info = dataset_info(dataset)
-    loaded = load_model(args.checkpoint, args.arch, info.num_classes, dataset=dataset, mean=mean, std=std,
+    image_size = _config_value(record, "data", "image_size")  # imagefolder / npz: as the model was trained
+    n_classes = num_classes(dataset, args.data_root, image_size)
+    loaded = load_model(args.checkpoint, args.arch, n_classes, dataset=dataset, mean=mean, std=std,
                         inspected=found, model_dir=args.model_dir)
     path = loaded.path
     # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
@@ -148,10 +149,13 @@ def run(args: argparse.Namespace) -> int:
     probe_writable(out, "report folder")  # before the evaluation, not after it
     source = None
     if wants_source:
-        source = load_model(args.source_checkpoint, args.source_arch, info.num_classes, dataset=dataset,
+        source = load_model(args.source_checkpoint, args.source_arch, n_classes, dataset=dataset,
                             role="source checkpoint", model_dir=args.model_dir)
 
-    train, test, _ = load_dataset(dataset, args.data_root)
+    budget = _first(_config_value(record, "data", "memory_budget_mb"), DataConfig.memory_budget_mb)
+    cache_dir = _config_value(record, "data", "cache_dir") or out / "data_cache"  # used only when streamed
+    train, test, _ = load_dataset(dataset, args.data_root, image_size=image_size, memory_budget_mb=budget,
+                                  cache_dir=cache_dir)
     split_meta: dict[str, Any] = {"split": args.split}
     if args.split == "val":
         val_size = _first(args.val_size, _config_value(record, "data", "val_size"), 5000)
@@ -167,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(model, split, cfg, device=device, source_model=source_model, progress=progress)
     if "clean" in result.accuracy and record is None:  # our own files record their normalisation
         hint = "pass --mean/--std if it was trained on normalised inputs, or leave them out if it was not"
-        warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, info.num_classes, hint,
+        warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, n_classes, hint,
                                  split="test" if args.split == "test" else "validation")
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)

@@ -4,9 +4,9 @@ The names below are the package's public face."""
 from __future__ import annotations
 
 from bmtard_ray.data.bundle import DataBundle, prepare_data
-from bmtard_ray.data.datasets import DatasetInfo, Split, dataset_folder, dataset_info, load_dataset
+from bmtard_ray.data.datasets import DatasetInfo, Split, dataset_folder, dataset_info, load_dataset, num_classes
 from bmtard_ray.data.loaders import BatchLoader, make_reference_loader
 from bmtard_ray.data.splits import stratified_subset, train_val_split
 
 __all__ = ["BatchLoader", "DataBundle", "DatasetInfo", "Split", "dataset_folder", "dataset_info", "load_dataset",
-           "make_reference_loader", "prepare_data", "stratified_subset", "train_val_split"]
+           "make_reference_loader", "num_classes", "prepare_data", "stratified_subset", "train_val_split"]
