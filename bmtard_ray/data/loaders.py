@@ -48,7 +48,8 @@ class BatchLoader:
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, augment: bool,
                  device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32,
+                 read_ahead: bool = True) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -65,7 +66,7 @@ class BatchLoader:
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.channels_last, self.dtype = channels_last, dtype
+        self.channels_last, self.dtype, self.read_ahead = channels_last, dtype, read_ahead
         self.epoch = 0
         self.start_batch = 0  # the next epoch's iteration starts at this global batch (a mid-epoch restore)
         n = len(split)
@@ -133,7 +134,8 @@ class BatchLoader:
 
     def _stream(self, order: Tensor) -> Generator[Tensor, None, None]:
         """This rank's uint8 rows of each global batch from ``start_batch`` on, read from disk on a thread
-        one batch ahead (NumPy's gather from the memory map releases the GIL) and moved to the device."""
+        one batch ahead (NumPy's gather from the memory map releases the GIL; ``read_ahead=False``: in this
+        thread, when asked) and moved to the device."""
         bs, pin = self.batch_size, self.device.type == "cuda"
 
         def read(k: int) -> Tensor:
@@ -141,6 +143,10 @@ class BatchLoader:
             x = self.split.read(order[k * bs + a:k * bs + b])
             return x.pin_memory() if pin else x
 
+        if not self.read_ahead:  # read each batch when it is needed (bench/bench_data.py compares the two)
+            for k in range(self.start_batch, self.num_batches):
+                yield read(k).to(self.device, non_blocking=pin)
+            return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmtard-read")
         try:
             ahead: Future[Tensor] | None = pool.submit(read, self.start_batch) \
