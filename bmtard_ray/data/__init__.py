@@ -1,5 +1,7 @@
-"""Data: datasets as uint8 tensors (:mod:`.datasets`), seeded class-balanced splits (:mod:`.splits`), crop
-and flip on the device (:mod:`.augment`), the loaders (:mod:`.loaders`) and a run's splits (:mod:`.bundle`).
+"""Data: datasets as uint8 tensors (:mod:`.datasets`; the user's own image folders and .npz files:
+:mod:`.references`, streamed from a memory-mapped cache past the memory budget: :mod:`.disk_cache`), what a
+split is (:mod:`.store`), seeded class-balanced splits (:mod:`.splits`), crop and flip on the device
+(:mod:`.augment`), the loaders (:mod:`.loaders`) and a run's splits (:mod:`.bundle`).
 The names below are the package's public face."""
 from __future__ import annotations
 
