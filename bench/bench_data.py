@@ -64,15 +64,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def loader_epoch(loader: BatchLoader, device: torch.device, epoch: int) -> float:
-    """Images/s of one epoch of the loader alone."""
+def loader_epoch(loader: BatchLoader, device: torch.device, epoch: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process, all threads) of one epoch of the loader
+    alone. The second is the loader's cost, which other jobs on the machine do not inflate."""
     loader.set_epoch(epoch)
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in loader:
         pass
     sync(device)
-    return loader.num_examples / (time.perf_counter() - start)
+    return (loader.num_examples / (time.perf_counter() - start),
+            loader.num_examples / max(time.process_time() - cpu, 1e-9))
 
 
 def step_run(loader: BatchLoader, device: torch.device, steps: int, epoch: int) -> float:
@@ -108,6 +110,7 @@ def main() -> None:
     args = p.parse_args()
     device = select_device(args.device)
     rates: dict[tuple[str, str], list[float]] = {}
+    cpu_rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_data") as tmp:
         resident, streamed = splits(args.data_root, Path(tmp))
         data = {"resident": resident, "streamed": streamed}
@@ -117,7 +120,9 @@ def main() -> None:
         # Interleaved rounds: a change in the machine's load hits every path alike.
         for r in range(args.rounds):
             for path, loader in loaders.items():
-                rates.setdefault(("loader only", path), []).append(loader_epoch(loader, device, r))
+                wall, cpu = loader_epoch(loader, device, r)
+                rates.setdefault(("loader only", path), []).append(wall)
+                cpu_rates.setdefault(path, []).append(cpu)
                 if args.step:
                     rates.setdefault(("loader + small_cnn step", path), []).append(
                         step_run(loader, device, args.steps, r))
@@ -129,12 +134,13 @@ def main() -> None:
     print(f"CIFAR-10 train less val: {len(resident)} images, global batch {args.batch_size}, crop + flip, drop_last; "
           f"median (min-max) of {args.rounds} interleaved rounds")
     print()
-    print("| what | path | images/s, median | min - max | vs resident |")
-    print("|---|---|---:|---:|---:|")
+    print("| what | path | images/s, median | min - max | vs resident | images per CPU-second, median |")
+    print("|---|---|---:|---:|---:|---:|")
     for (what, path), v in rates.items():
         base = float(np.median(rates[(what, "resident")]))
+        cpu = f"{np.median(cpu_rates[path]):,.0f}" if what == "loader only" else "-"
         print(f"| {what} | {path} | {np.median(v):,.0f} | {min(v):,.0f} - {max(v):,.0f} | "
-              f"{np.median(v) / base:.2f}x |")
+              f"{np.median(v) / base:.2f}x | {cpu} |")
 
 
 if __name__ == "__main__":
