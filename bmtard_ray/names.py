@@ -34,7 +34,10 @@ TIMM_PREFIX = "timm:"
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _MODULE_REF = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
 _TIMM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet")
+DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "npz")
+# Datasets given by reference (data.root names the user's own folder or .npz file): their classes, sizes and
+# statistics come from the data itself (bmtard_ray.data.references), not from a table.
+REFERENCE_DATASETS: tuple[str, ...] = ("imagefolder", "npz")
 
 # Evaluation attacks of docs/algorithm.md §8; the black-box ones are crafted on a source model (the robust teacher).
 ATTACK_NAMES: tuple[str, ...] = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "autoattack", "square",

@@ -121,9 +121,11 @@ def ids_of(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_dataset_info_and_unknown_name() -> None:
-    assert DATASET_NAMES == ("cifar10", "cifar100", "tiny-imagenet")
-    assert [(dataset_info(n).num_classes, dataset_info(n).image_size) for n in DATASET_NAMES] == [(10, 32), (100, 32),
-                                                                                                (200, 64)]
+    assert DATASET_NAMES == ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "npz")
+    assert [(dataset_info(n).num_classes, dataset_info(n).image_size) for n in DATASET_NAMES[:3]] == [
+        (10, 32), (100, 32), (200, 64)]
+    with pytest.raises(ConfigError, match="come from its data"):  # imagefolder / npz: test_data_refs.py
+        dataset_info("npz")
     assert dataset_info("cifar10").mean == pytest.approx((0.4914, 0.4822, 0.4465))
     with pytest.raises(ConfigError, match="cifar10, cifar100, tiny-imagenet") as e:
         dataset_info("mnist")

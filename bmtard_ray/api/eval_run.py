@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 
 from bmtard_ray.api.results import EvaluationResult, TrainResult
-from bmtard_ray.config import EvalConfig
-from bmtard_ray.data import dataset_info, load_dataset, train_val_split
+from bmtard_ray.config import DataConfig, EvalConfig
+from bmtard_ray.data import dataset_info, load_dataset, num_classes, train_val_split
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.evaluation.core import check_attacks
 from bmtard_ray.evaluation.core import evaluate as run_attacks
@@ -27,7 +27,15 @@ from bmtard_ray.evaluation.report import print_table, write_reports
 from bmtard_ray.launch.preflight import probe_writable
 from bmtard_ray.models.files import PYAUTOATTACK, inspect_checkpoint, load_model
 from bmtard_ray.models.refs import check_outputs
-from bmtard_ray.names import ATTACK_NAMES, BLACK_BOX, ROBUSTBENCH_MODEL_DIR, check_arch, is_model_ref, is_robustbench
+from bmtard_ray.names import (
+    ATTACK_NAMES,
+    BLACK_BOX,
+    REFERENCE_DATASETS,
+    ROBUSTBENCH_MODEL_DIR,
+    check_arch,
+    is_model_ref,
+    is_robustbench,
+)
 from bmtard_ray.runtime.device import select_device
 
 ModelLike = str | Path | nn.Module | TrainResult
@@ -92,26 +100,26 @@ def evaluate(model: ModelLike, config: EvalConfig | Mapping[str, Any] | None = N
 
     record: dict[str, Any] | None = None
     path: Path | None
+    spec = None if isinstance(model, nn.Module) else str(model)
+    # The checkpoint first (cheap and the likeliest to be wrong), then the data.
+    # A RobustBench name is no file until resolved under model_dir (for the dataset given, else CIFAR-10).
+    found = None if spec is None or is_robustbench(spec) else inspect_checkpoint(spec)
+    record = found.record if found is not None else None
+    ds = dataset or (record or {}).get("dataset") or "cifar10"
+    image_size = _config_value(record, "data", "image_size")  # imagefolder / npz: as the model was trained
+    # The class count of the user's own data comes from its listing; a table's datasets carry their statistics.
+    n_classes = num_classes(ds, data_root, image_size)
+    stats = None if ds in REFERENCE_DATASETS else (dataset_info(ds).mean, dataset_info(ds).std)
     if isinstance(model, nn.Module):
-        ds = dataset or "cifar10"
-        info = dataset_info(ds)
         net_model, arch_name, path = model, arch or type(model).__name__, None
     else:
-        spec = str(model)
-        found = None if is_robustbench(spec) else inspect_checkpoint(spec)
-        record = found.record if found is not None else None
-        ds = dataset or (record or {}).get("dataset") or "cifar10"
-        info = dataset_info(ds)
-        loaded = load_model(spec, arch, info.num_classes, dataset=ds, mean=mean, std=std, inspected=found,
-                            model_dir=model_dir, default_stats=(info.mean, info.std))
+        assert spec is not None
+        loaded = load_model(spec, arch, n_classes, dataset=ds, mean=mean, std=std, inspected=found,
+                            model_dir=model_dir, default_stats=stats)
         net_model, arch_name, path = loaded.model, loaded.arch, loaded.path
-    if is_model_ref(arch_name) or isinstance(model, nn.Module):
-        # a user's factory (or module) may give another output shape than the dataset's classes
-        check_outputs(net_model, info.num_classes, info.image_size, f"model {arch_name}" + (f" of {path}" if path
-                                                                                             else ""))
     # Default: eval/ beside the checkpoint (the pyautoattack one lives in site-packages: use ./eval).
     report_dir = (Path(out) if out is not None else None if path is None
-                  else Path("eval") if str(model) == PYAUTOATTACK else path.parent / "eval")
+                  else Path("eval") if spec == PYAUTOATTACK else path.parent / "eval")
     if report_dir is not None:
         probe_writable(report_dir, "report folder")  # before the evaluation, not after it
     source_model = None
@@ -119,11 +127,18 @@ def evaluate(model: ModelLike, config: EvalConfig | Mapping[str, Any] | None = N
     if isinstance(source, nn.Module):
         source_model, source_arch_name = source, source_arch or type(source).__name__
     elif source is not None:
-        src = load_model(str(source), source_arch, info.num_classes, dataset=ds, role="source checkpoint",
-                         model_dir=model_dir, default_stats=(info.mean, info.std))
+        src = load_model(str(source), source_arch, n_classes, dataset=ds, role="source checkpoint",
+                         model_dir=model_dir, default_stats=stats)
         source_model, source_path, source_arch_name = src.model, src.path, src.arch
 
-    train, test, _ = load_dataset(ds, data_root)
+    budget = _first(_config_value(record, "data", "memory_budget_mb"), DataConfig.memory_budget_mb)
+    cache_dir = _config_value(record, "data", "cache_dir") or (report_dir or Path("runs")) / "data_cache"
+    train, test, info = load_dataset(ds, data_root, image_size=image_size, memory_budget_mb=budget,
+                                     cache_dir=cache_dir)  # the cache is written only when the data streams
+    if is_model_ref(arch_name) or isinstance(model, nn.Module):
+        # a user's factory (or module) may give another output shape than the dataset's classes
+        check_outputs(net_model, info.num_classes, info.image_size,
+                      f"model {arch_name}" + (f" of {path}" if path else ""))
     split_meta: dict[str, Any] = {"split": split}
     if split == "val":
         size = _first(val_size, _config_value(record, "data", "val_size"), 5000)
@@ -138,12 +153,12 @@ def evaluate(model: ModelLike, config: EvalConfig | Mapping[str, Any] | None = N
     result = run_attacks(net, data, cfg, device=dev, source_model=source_net, progress=progress)
     if "clean" in result.accuracy and record is None and path is not None:  # our files record their normalisation
         hint = "pass --mean/--std if it was trained on normalised inputs, or leave them out if it was not"
-        warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, info.num_classes, hint,
+        warning = chance_warning(str(path), result.accuracy["clean"], result.n_examples, n_classes, hint,
                                  split="test" if split == "test" else "validation")
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
 
-    stem = ("pyautoattack_resnet18" if str(model) == PYAUTOATTACK else path.stem if path is not None
+    stem = ("pyautoattack_resnet18" if spec == PYAUTOATTACK else path.stem if path is not None
             else type(net_model).__name__)
     # A run's file is <run>/model.pt: the run folder names the model better than "model".
     label = name or (path.parent.name if path is not None and path.stem == "model" else stem)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from bmtard_ray.config import RunConfig, build_config, preset_names
 from bmtard_ray.errors import BmtardError, ClusterLostError
-from bmtard_ray.names import METHOD_NAMES
+from bmtard_ray.names import DATASET_NAMES, METHOD_NAMES
 
 # Shortcut flags -> dotted config keys.
 SHORTCUTS = {"method": "method.name", "student": "student", "dataset": "data.dataset", "data_root": "data.root",
@@ -32,8 +32,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted override, e.g. --set ebb.eta_tau=0.002 (repeatable)")
     g.add_argument("--method", help=f"one of: {', '.join(METHOD_NAMES)}")
     g.add_argument("--student", help="student architecture: a built-in name, timm:<name> or <module>:<callable>")
-    g.add_argument("--dataset", help="cifar10, cifar100 or tiny-imagenet")
-    g.add_argument("--data-root", help="folder holding cifar-10-batches-py/ etc. (default: data)")
+    g.add_argument("--dataset", help=f"one of: {', '.join(DATASET_NAMES)} (imagefolder, npz: your own data, "
+                                     "at --data-root)")
+    g.add_argument("--data-root", help="folder holding cifar-10-batches-py/ etc. (default: data); for imagefolder "
+                                       "the folder holding train/<class>/ and test/<class>/, for npz the .npz file")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch size")
     g.add_argument("--name", help="run name (the output folder's name)")

@@ -32,12 +32,13 @@ from bmtard_ray.config.schema import (
                                      RunConfig,
                                      TeacherConfig,
                                      TeachersConfig,
+                                     data_cache_dir,
                                      teacher_cache_dir,
 )
 from bmtard_ray.config.validate import validate
 
 __all__ = ["CONFIG_FORMAT", "EBB_MODES", "ENTROPY_TARGET_MODES", "REDUCTIONS", "AttackConfig", "DataConfig",
            "EBBConfig", "EvalConfig", "LossConfig", "MethodConfig", "NLBConfig", "OptimConfig", "RunConfig",
-           "TeacherConfig", "TeachersConfig", "apply_dataset_defaults", "build_config", "dataset_settings",
-           "flat_keys", "from_dict", "nest", "parse_override", "preset_dict", "preset_names", "read_yaml",
-           "replace", "teacher_cache_dir", "to_dict", "update", "validate"]
+           "TeacherConfig", "TeachersConfig", "apply_dataset_defaults", "build_config", "data_cache_dir",
+           "dataset_settings", "flat_keys", "from_dict", "nest", "parse_override", "preset_dict", "preset_names",
+           "read_yaml", "replace", "teacher_cache_dir", "to_dict", "update", "validate"]

@@ -28,6 +28,10 @@ class DataConfig:
     augment: bool = True             # random crop (pad 4) + horizontal flip
     loader: str = "device"           # "device": uint8 split resident on the device; "reference": DataLoader
     num_workers: int = 2             # only for loader="reference"
+    # imagefolder / npz only (README, "Your own models and data"):
+    image_size: int | None = None    # square resize (PIL bilinear, antialiased); None: images keep their size
+    memory_budget_mb: int = 2048     # a dataset (train + test, uint8) up to this stays in memory; larger streams
+    cache_dir: str = ""              # the streamed datasets' decoded memory maps; "" = <output_dir>/data_cache
 
 
 @dataclass
@@ -166,6 +170,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def data_cache_dir(cfg: RunConfig) -> str:
+    """Where streamed datasets are decoded to: ``data.cache_dir``, else ``<output_dir>/data_cache``."""
+    return cfg.data.cache_dir or f"{cfg.output_dir.rstrip('/')}/data_cache"
 
 
 def teacher_cache_dir(cfg: RunConfig) -> str:

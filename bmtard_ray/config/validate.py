@@ -11,6 +11,7 @@ from bmtard_ray.names import (
     DATASET_NAMES,
     DEVICES,
     METHOD_NAMES,
+    REFERENCE_DATASETS,
     TEACHER_TRAIN_METHODS,
     check_arch,
     check_robustbench_dataset,
@@ -43,6 +44,14 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"data.loader must be 'device' or 'reference', got '{c.data.loader}'")
     _check(c.data.val_size >= 0, f"data.val_size must be >= 0, got {c.data.val_size}")
     _check(c.data.num_workers >= 0, f"data.num_workers must be >= 0, got {c.data.num_workers}")
+    d = c.data
+    if d.image_size is not None:
+        _check(d.dataset in REFERENCE_DATASETS,
+               f"data.image_size applies to {' and '.join(REFERENCE_DATASETS)} only (dataset {d.dataset})")
+        _check(isinstance(d.image_size, int) and d.image_size >= 8,
+               f"data.image_size must be an integer >= 8 (pixels) or null, got {d.image_size}")
+    _check(isinstance(d.memory_budget_mb, int) and d.memory_budget_mb >= 0,
+           f"data.memory_budget_mb must be an integer >= 0, got {d.memory_budget_mb}")
     for key in ("train_subset", "test_subset"):
         v = getattr(c.data, key)
         _check(v is None or v > 0, f"data.{key} must be a positive count or null, got {v}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,42 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bmtard_ray.data.references import load_reference, scan
+from bmtard_ray.data.store import DatasetInfo, Split
 from bmtard_ray.errors import ConfigError, DataError
-from bmtard_ray.names import DATASET_NAMES
-
-
-@dataclass(frozen=True)
-class Split:
-    """Images and labels of one split: uint8 (N, 3, H, W) and int64 (N,), on any device."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __post_init__(self) -> None:
-        # Checked once here so that every consumer (loaders, subsets, evaluation) can rely on it.
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise DataError(f"split images must be uint8 (N, 3, H, W), got {self.images.dtype} "
-                            f"{tuple(self.images.shape)}")
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1 or len(self.labels) != len(self.images):
-            raise DataError(f"split labels must be int64 (N,) with N = {len(self.images)}, got "
-                            f"{self.labels.dtype} {tuple(self.labels.shape)}")
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def subset(self, indices: Tensor) -> Split:
-        indices = torch.as_tensor(indices, dtype=torch.long, device=self.labels.device)
-        return Split(self.images[indices].contiguous(), self.labels[indices].contiguous())
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
+from bmtard_ray.names import DATASET_NAMES, REFERENCE_DATASETS
 
 # The usual per-channel statistics of each training set (used only by models that normalise inside).
 _INFO = {
@@ -66,6 +33,10 @@ _INFO = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
+    """The table entry of a standard dataset (``imagefolder`` and ``npz`` take theirs from the data:
+    :func:`load_dataset`, :func:`num_classes`)."""
+    if name in REFERENCE_DATASETS:
+        raise ConfigError(f"the classes and image size of dataset '{name}' come from its data: load it first")
     if name not in _INFO:
         raise ConfigError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")
     return _INFO[name]
@@ -138,7 +109,14 @@ def _read_cifar(files: list[Path], label_key: str, num_classes: int, name: str, 
 
 
 def dataset_folder(name: str, root: Path) -> Path:
-    return Path(root) / _FOLDERS[name]  # the standard archive folder of ``name`` under ``root``
+    """The standard archive folder of ``name`` under ``root``; for imagefolder and npz, ``root`` itself."""
+    return Path(root) if name in REFERENCE_DATASETS else Path(root) / _FOLDERS[name]
+
+
+def num_classes(name: str, root: str | os.PathLike, image_size: int | None = None) -> int:
+    """The class count of ``name``: from the table, or (imagefolder, npz) from the data's listing and labels."""
+    return scan(name, Path(root), image_size).num_classes if name in REFERENCE_DATASETS \
+        else dataset_info(name).num_classes
 
 
 def _need_folder(name: str, root: Path) -> Path:
@@ -221,8 +199,15 @@ def _read_tiny_imagenet(root: Path) -> tuple[Split, Split]:
     return split(train), split(val)
 
 
-def load_dataset(name: str, root: str | os.PathLike, *, download: bool = False) -> tuple[Split, Split, DatasetInfo]:
-    """(train, test, info) for ``name`` from its standard folder under ``root`` (images as uint8 NCHW)."""
+def load_dataset(name: str, root: str | os.PathLike, *, download: bool = False, image_size: int | None = None,
+                 memory_budget_mb: float | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[Split, Split, DatasetInfo]:
+    """(train, test, info) for ``name`` from its standard folder under ``root`` (images as uint8 NCHW); for
+    imagefolder and npz, from ``root`` itself (:mod:`bmtard_ray.data.references`: resized to ``image_size``,
+    streamed from ``cache_dir`` when larger than ``memory_budget_mb``)."""
+    if name in REFERENCE_DATASETS:
+        return load_reference(name, root, image_size=image_size, memory_budget_mb=memory_budget_mb,
+                              cache_dir=cache_dir)
     info = dataset_info(name)
     root = Path(root)
     if download and not (root / _FOLDERS[name]).is_dir():

@@ -1,8 +1,13 @@
 """Two loaders of a training split: the device-resident one every run uses, and the released code's
-pipeline (PIL + torchvision transforms in DataLoader workers), kept so that the two can be timed side by side."""
+pipeline (PIL + torchvision transforms in DataLoader workers), kept so that the two can be timed side by side.
+
+The device loader also streams a split too large for memory (a memory-mapped :meth:`Split.streamed`): it then
+reads each global batch's rows of this rank from disk (one batch ahead, in a thread) instead of gathering them
+on the device, and crops them on the device as before, so both paths give the same batches bit for bit."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,13 +41,15 @@ class BatchLoader:
     its contiguous slice of every global batch (:func:`~bmtard_ray.runtime.dist.shard_range`: the remainder of an
     uneven split goes to the lowest ranks). So 1, 2 or 3 workers see the same images, augmented alike,
     and a run can change its world size between checkpoints (elastic runs) without changing its data.
-    With ``drop_last`` the tail that does not fill a global batch is dropped; otherwise the last global
+    A streamed split is read batch by batch (each rank only its own rows, the next batch read while this one
+    trains) and copied to the device uint8; a resident one is copied there once. With ``drop_last`` the tail that does not fill a global batch is dropped; otherwise the last global
     batch is short (and split by the same rule).
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, augment: bool,
                  device: torch.device | str = "cpu", seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32,
+                 read_ahead: bool = True) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -53,11 +60,13 @@ class BatchLoader:
             raise ConfigError(f"loader dtype must be a floating point type, got {dtype}")
         self.device = torch.device(device)
         # One host-to-device copy for the whole run; every batch afterwards is a gather on the device.
-        self.images = split.images.to(self.device)
+        # (A streamed split stays on disk: see _stream.)
+        self.split = split
+        self.images = None if split.is_streamed else split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.channels_last, self.dtype = channels_last, dtype
+        self.channels_last, self.dtype, self.read_ahead = channels_last, dtype, read_ahead
         self.epoch = 0
         self.start_batch = 0  # the next epoch's iteration starts at this global batch (a mid-epoch restore)
         n = len(split)
@@ -96,7 +105,8 @@ class BatchLoader:
                           for a, b in [self.batch_rows(k)]] or [order[:0]])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.order().to(self.device)
+        host_order = self.order()
+        order = host_order.to(self.device)
         bs = self.batch_size
         crops = None
         if self.augment:
@@ -106,16 +116,48 @@ class BatchLoader:
             gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0, 1))
             crops = epoch_crop_params(gen, [self.global_size(k) for k in range(self.num_batches)], self.device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for k in range(self.start_batch, self.num_batches):
-            a, b = self.batch_rows(k)
-            sel = order[k * bs + a:k * bs + b]
-            x = self.images[sel]
-            if crops is not None:  # on uint8: a quarter of the bytes a float crop would move
-                dx, dy, flip = crops[:, k * bs + a:k * bs + b]
-                x = crop_flip(x, dx, dy, flip.bool())
-            x = x.to(dtype=self.dtype, memory_format=memory_format).div_(255)
-            yield x, self.labels[sel]
+        streamed = self._stream(host_order) if self.images is None else None
+        try:
+            for k in range(self.start_batch, self.num_batches):
+                a, b = self.batch_rows(k)
+                sel = order[k * bs + a:k * bs + b]
+                x = next(streamed) if streamed is not None else self.images[sel]  # type: ignore[index]
+                if crops is not None:  # on uint8: a quarter of the bytes a float crop would move
+                    dx, dy, flip = crops[:, k * bs + a:k * bs + b]
+                    x = crop_flip(x, dx, dy, flip.bool())
+                x = x.to(dtype=self.dtype, memory_format=memory_format).div_(255)
+                yield x, self.labels[sel]
+        finally:
+            if streamed is not None:
+                streamed.close()  # stops its reader thread
         self.start_batch = 0  # a restored epoch starts mid-way once
+
+    def _stream(self, order: Tensor) -> Generator[Tensor, None, None]:
+        """This rank's uint8 rows of each global batch from ``start_batch`` on, read from disk on a thread
+        one batch ahead (NumPy's gather from the memory map releases the GIL; ``read_ahead=False``: in this
+        thread, when asked) and moved to the device."""
+        bs, pin = self.batch_size, self.device.type == "cuda"
+
+        def read(k: int) -> Tensor:
+            a, b = self.batch_rows(k)
+            x = self.split.read(order[k * bs + a:k * bs + b])
+            return x.pin_memory() if pin else x
+
+        if not self.read_ahead:  # read each batch when it is needed (bench/bench_data.py compares the two)
+            for k in range(self.start_batch, self.num_batches):
+                yield read(k).to(self.device, non_blocking=pin)
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmtard-read")
+        try:
+            ahead: Future[Tensor] | None = pool.submit(read, self.start_batch) \
+                if self.start_batch < self.num_batches else None
+            for k in range(self.start_batch, self.num_batches):
+                assert ahead is not None
+                x = ahead.result()
+                ahead = pool.submit(read, k + 1) if k + 1 < self.num_batches else None
+                yield x.to(self.device, non_blocking=pin)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ReferenceDataset(torch.utils.data.Dataset):
@@ -124,10 +166,13 @@ class _ReferenceDataset(torch.utils.data.Dataset):
     def __init__(self, split: Split, augment: bool) -> None:
         import torchvision.transforms as T
 
-        # HWC numpy once, so that a worker's __getitem__ is just PIL + the transforms.
-        self.images = np.ascontiguousarray(split.images.cpu().permute(0, 2, 3, 1).numpy())
+        # HWC numpy once, so that a worker's __getitem__ is just PIL + the transforms (a streamed split is
+        # read image by image instead).
+        self.split = split
+        self.images = None if split.is_streamed else \
+            np.ascontiguousarray(split.images.cpu().permute(0, 2, 3, 1).numpy())
         self.labels = split.labels.cpu().numpy()
-        size = self.images.shape[1]
+        size = split.image_shape[1]
         ops = [T.RandomCrop(size, padding=CROP_PADDING), T.RandomHorizontalFlip()] if augment else []
         self.transform = T.Compose(ops + [T.ToTensor()])
 
@@ -137,7 +182,9 @@ class _ReferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        image = self.images[i] if self.images is not None else \
+            self.split.read(torch.tensor([i]))[0].permute(1, 2, 0).numpy()
+        return self.transform(Image.fromarray(image)), int(self.labels[i])
 
 
 class _ShardedLoader(torch.utils.data.DataLoader):

@@ -227,14 +227,17 @@ def evaluate(model: nn.Module, split: Split, cfg: EvalConfig, *, device: torch.d
     if n == 0:
         raise ConfigError("nothing to evaluate: the split holds no examples")
 
-    images = split.images.to(device)  # uint8: 4x smaller than float for the whole split
+    # A resident split moves to the device once (uint8: 4x smaller than float); a streamed one is read from
+    # disk batch by batch, never whole.
+    images = None if split.is_streamed else split.images.to(device)
     labels = split.labels.to(device=device, dtype=torch.long)
     bs = cfg.batch_size
     batches = [(i, min(i + bs, n)) for i in range(0, n, bs)]
 
     def batch(i: int, j: int) -> tuple[Tensor, Tensor]:
+        x = images[i:j] if images is not None else split.read_range(i, j).to(device)
         # float32 in [0, 1], contiguous (AutoAttack and Square fail on non-contiguous inputs).
-        return images[i:j].float().div_(255).contiguous(), labels[i:j]
+        return x.float().div_(255).contiguous(), labels[i:j]
 
     accuracy: dict[str, float] = {}
     seconds: dict[str, float] = {}

@@ -26,7 +26,7 @@ def probe_accuracy(model: nn.Module, split: Split, device: torch.device, *, n: i
     correct = 0
     try:
         for i in range(0, len(subset), batch_size):
-            x = subset.images[i:i + batch_size].to(device).float().div_(255)
+            x = subset.read_range(i, i + batch_size).to(device).float().div_(255)
             y = subset.labels[i:i + batch_size].to(device)
             correct += int((model(x).argmax(1) == y).sum())
     finally:

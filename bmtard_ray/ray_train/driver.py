@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from bmtard_ray.config import RunConfig, dataset_settings, teacher_cache_dir, to_dict
-from bmtard_ray.data import dataset_info, prepare_data
+from bmtard_ray.data import num_classes, prepare_data
 from bmtard_ray.errors import BmtardError, CheckpointError, ClusterLostError, ConfigError, find_cause
 from bmtard_ray.launch.console import print_outputs, print_summary, what_trains
 from bmtard_ray.launch.events import EpochEvents
@@ -139,7 +139,8 @@ def fit_run(cfg: RunConfig, scaling: ScalingOptions, *, storage: str, resume_fro
                   f"{scaling.describe()} Ray worker(s) x ({scaling.cpus_per_worker:g} CPU{gpus}, "
                   f"{scaling.placement_strategy.lower()}), global batch "
                   f"{cfg.optim.batch_size} -> {run_dir}")
-    if (note := unreachable_target(cfg.ebb, dataset_info(cfg.data.dataset).num_classes)) is not None:
+    classes = num_classes(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
+    if (note := unreachable_target(cfg.ebb, classes)) is not None:
         console.print(note, style="yellow", soft_wrap=True, markup=False)
     # TensorBoard events in the run folder, written here on the driver from rank 0's reports (a storage
     # URI gets none: tensorboardX writes local files).

@@ -34,7 +34,9 @@ def missing_inputs(cfg: RunConfig) -> list[tuple[str, Path]]:
     """What of the run's inputs this process cannot read: (what, path) pairs, data folder first."""
     missing: list[tuple[str, Path]] = []
     folder = dataset_folder(cfg.data.dataset, Path(cfg.data.root))
-    if not (folder.is_dir() and os.access(folder, os.R_OK | os.X_OK)) and not cfg.data.download:
+    readable = folder.is_file() and os.access(folder, os.R_OK) if cfg.data.dataset == "npz" and folder.is_file() \
+        else folder.is_dir() and os.access(folder, os.R_OK | os.X_OK)  # npz: a file, or a folder holding one
+    if not readable and not cfg.data.download:
         missing.append(("data folder", folder))
     for role in teacher_roles(cfg.method.name):
         path = getattr(cfg.teachers, role).checkpoint

@@ -32,6 +32,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         return str(Path(p).expanduser().resolve())
 
     out.data.root = fix(out.data.root)
+    out.data.cache_dir = fix(out.data.cache_dir)
     out.output_dir = fix(out.output_dir)
     out.teachers.cache_dir = fix(out.teachers.cache_dir)
     out.teachers.model_dir = fix(out.teachers.model_dir)

@@ -28,6 +28,7 @@ def build_summary(cfg: RunConfig, history: list[dict[str, Any]], epochs: int, re
             "final_tau": [hist[-1].get("tau_adv"), hist[-1].get("tau_nat")] if hist else None,
             "final_w": [hist[-1].get("w_adv"), hist[-1].get("w_nat")] if hist else None,
             "teachers": teacher_provenance(cfg),
+            **({"classes": list(info.classes)} if info.classes else {}),
             "results": {split: {"n_examples": r["n_examples"], "accuracy": r["accuracy"], "w_robust": r["w_robust"]}
                         for split, r in results.items()}}
 

@@ -19,18 +19,20 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from bmtard_ray.config import MethodConfig, RunConfig, TeacherConfig, from_dict, teacher_cache_dir, to_dict
 from bmtard_ray.data import DatasetInfo, Split
+from bmtard_ray.data.references import scan
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.evaluation.probe import chance_warning, probe_accuracy
 from bmtard_ray.models import build_model
 from bmtard_ray.models.files import PYAUTOATTACK, LoadedModel, load_model
 from bmtard_ray.models.refs import check_outputs, check_pretrained
-from bmtard_ray.names import ROBUSTBENCH_MODEL_DIR, arch_slug, is_model_ref, teacher_roles
+from bmtard_ray.names import REFERENCE_DATASETS, ROBUSTBENCH_MODEL_DIR, arch_slug, is_model_ref, teacher_roles
 from bmtard_ray.runtime import fileio
 from bmtard_ray.runtime.device import select_device
 
@@ -46,6 +48,20 @@ ENTRY_FORMAT = "bmtard_ray.teacher_cache/1"
 TEACHER_RULES_VERSION = 2
 # Data settings that do not change the training set a teacher sees.
 _DATA_NOT_IN_KEY = {"root": None, "download": None, "test_subset": None}
+# Keys added after caches were written: left out of the key at these values, so that existing keys stand.
+_DATA_KEY_SINCE = {"image_size": None, "memory_budget_mb": ..., "cache_dir": ...}  # ...: never in the key
+
+
+def data_key(cfg: RunConfig) -> dict[str, Any]:
+    """The data settings that decide a teacher's training set. For imagefolder and npz the name says nothing
+    of the images: the key holds the data's own content key (path, files' names, sizes, mtimes, resize)."""
+    d = to_dict(cfg.data)
+    key = {k: v for k, v in d.items() if k not in _DATA_KEY_SINCE} | _DATA_NOT_IN_KEY
+    if d.get("image_size") is not None:
+        key["image_size"] = d["image_size"]
+    if cfg.data.dataset in REFERENCE_DATASETS:
+        key["content"] = scan(cfg.data.dataset, cfg.data.root, cfg.data.image_size).key
+    return key
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -141,7 +157,7 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
     # normalisation of a given checkpoint, or the student's method): runs of different methods share teachers.
     key = {"rules": TEACHER_RULES_VERSION, "role": role,
            "teacher": to_dict(tc) | {"checkpoint": None, "mean": None, "std": None},
-           "data": to_dict(cfg.data) | _DATA_NOT_IN_KEY,
+           "data": data_key(cfg),
            "attack": None if tc.train_method == "natural" else to_dict(cfg.attack),  # natural training has none
            "method": to_dict(t.method), "optim": {"momentum": cfg.optim.momentum,
            "weight_decay": cfg.optim.weight_decay, "gamma": cfg.optim.gamma}, "seed": cfg.seed}
