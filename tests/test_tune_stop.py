@@ -1,0 +1,124 @@
+"""A trial that ASHA stops ends its Ray Train run cleanly (a cooperative stop): the workers leave at an
+iteration boundary every rank agrees on and return, so Ray's Train state reads the run FINISHED, not ABORTED
+("Terminated due to system errors or killed by the user"); the search's results are what they were."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+from conftest import free_port, head_port_flags
+from test_tune import check_experiment, cli_env, smoke_args
+
+from bmtard_ray.ray_train import stop as stop_module
+from bmtard_ray.ray_train.stop import StopAddress, StopPoll, StopRequested
+
+
+def test_the_workers_poll_every_few_steps_and_stop_where_the_ranks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    answer: dict[str, str | None] = {"reason": None}
+
+    def ask(address: StopAddress) -> str | None:
+        asked.append(poll.calls)
+        return answer["reason"]
+
+    monkeypatch.setattr(stop_module, "_ask", ask)
+    inner = iter([False, True] * 20)
+    poll = StopPoll(StopAddress("s", None), rank=0, world_size=1, inner=lambda: next(inner), every=3)
+    assert [poll() for _ in range(6)] == [False, True, False, True, False, True]  # the inner hook's answers
+    assert asked == [3, 6]                       # the signal is asked every `every` steps only
+    answer["reason"] = "tune"
+    poll(), poll()
+    with pytest.raises(StopRequested):
+        poll()                                   # the next poll step
+    assert poll.reason == "tune"
+    with pytest.raises(StopRequested):
+        poll.check()                             # an epoch's end asks at once
+    # Without an address (run_train.py): nothing is asked, the inner hook alone answers.
+    quiet = StopPoll(None, rank=0, world_size=1)
+    assert not any(quiet() for _ in range(30)) and quiet.check() is None
+    assert StopAddress.from_dict(StopAddress("n", "ns").to_dict()) == StopAddress("n", "ns")
+    assert StopAddress.from_dict(None) is None
+
+
+def get(dashboard: str, path: str, token: str) -> Any:
+    request = urllib.request.Request(f"{dashboard}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read().decode())
+
+
+def train_runs(dashboard: str, token: str) -> list[dict[str, Any]]:
+    """Ray Train's state as the dashboard serves it (its ABORTED verdict for a dead controller included)."""
+    return list(get(dashboard, "/api/train/v2/runs/v1", token)["train_runs"])
+
+
+@pytest.mark.slow
+def test_a_trial_asha_stops_ends_its_train_run_finished_not_aborted(tmp_path: Path, cifar_root: Path) -> None:
+    """A private head (free ports, its own token, Train state tracking on), the smoke search run one trial at a
+    time with a reduction factor that stops every trial not the best so far at epoch 1, then the Train runs'
+    states read from the head's dashboard before it is stopped (only ours: never `ray stop`)."""
+    start = time.monotonic()
+    ray_bin = Path(sys.executable).with_name("ray")
+    gcs, dash = free_port(), free_port()
+    token = secrets.token_hex(32)
+    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ADDRESS=f"127.0.0.1:{gcs}",
+                  RAY_TRAIN_ENABLE_STATE_TRACKING="1")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
+                             "--disable-usage-stats", *head_port_flags(gcs, dash)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                get(dashboard, "/api/version", token)
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "the head node did not come up"
+                time.sleep(2)
+        proc = subprocess.run([*smoke_args(tmp_path, cifar_root, "--address", f"127.0.0.1:{gcs}", "--num-samples",
+                                           "4", "--max-concurrent", "1", "--reduction-factor", "100")],
+                              env=cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token), capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        exp = tmp_path / "runs" / "smoke"
+        # The search's results as before: every check of the smoke test (PRUNED in Optuna for a stopped trial,
+        # its checkpoint still there, leaderboard, plots, the best's test evaluation).
+        check_experiment(exp, 4)
+        rows = {r["trial_id"]: r for r in pq.read_table(exp / "trials.parquet").to_pylist()}
+        stopped = [tid for tid, r in rows.items() if r["stopped_early"]]
+        assert stopped, "ASHA stopped no trial"
+        study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{exp / 'optuna.db'}")
+        folders = {t.user_attrs["ray_trial_id"]: Path(t.user_attrs["run_folder"]) for t in study.trials}
+        for tid in stopped:  # the run folder says where Tune stopped it: after the last epoch it reported
+            note = json.loads((folders[tid] / "stopped.json").read_text())
+            assert note["after_epoch"] == rows[tid]["epochs"] and note["max_epochs"] == 3, note
+        for tid in set(rows) - set(stopped):
+            assert not (folders[tid] / "stopped.json").exists()
+        # Ray's Train state: every trial's run (and the teachers') ended FINISHED, none ABORTED.
+        runs = {r["name"]: r for r in train_runs(dashboard, token)}
+        for tid, folder in folders.items():
+            run = runs[folder.name]
+            assert run["status"] == "FINISHED", (tid, tid in stopped, run["status"], run.get("status_detail"))
+        assert not [r for r in runs.values() if r["status"] == "ABORTED"], runs
+        print(f"cooperative stop: {len(stopped)} of 4 trials stopped by ASHA, {time.monotonic() - start:.0f} s")
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
