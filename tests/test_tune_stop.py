@@ -6,22 +6,29 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import faults
 import optuna
 import pyarrow.parquet as pq
 import pytest
 from conftest import free_port, head_port_flags
+from rich.console import Console
 from test_tune import check_experiment, cli_env, smoke_args
 
+from bmtard_ray.config import build_config
+from bmtard_ray.launch.local import run_local
 from bmtard_ray.ray_train import stop as stop_module
 from bmtard_ray.ray_train.stop import StopAddress, StopPoll, StopRequested
+from bmtard_ray.training.teachers import ensure_teachers
 
 
 def test_the_workers_poll_every_few_steps_and_stop_where_the_ranks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +58,43 @@ def test_the_workers_poll_every_few_steps_and_stop_where_the_ranks_agree(monkeyp
     assert StopAddress.from_dict(None) is None
 
 
+@pytest.mark.slow
+def test_two_workers_stop_together_after_the_step_where_rank_0_saw_the_request(tmp_path: Path,
+                                                                              cifar_root: Path) -> None:
+    """A 2-worker Ray Train run (the smoke preset, 2 epochs) whose rank 0 asks
+    for the stop right after reporting epoch 1: both ranks leave at the same boundary (rank 1 learns it from
+    rank 0's broadcast), epoch 2 is never reported nor checkpointed, and fit() returns normally."""
+    import ray
+    import ray.train
+
+    from bmtard_ray.ray_train import ScalingOptions, absolute_paths, make_torch_trainer, start_local_ray, stop_local_ray
+    from bmtard_ray.ray_train.stop import StopSignal
+
+    cfg = build_config("smoke", overrides=[f"data.root={cifar_root}", f"output_dir={tmp_path / 'runs'}",
+                                           f"teachers.cache_dir={tmp_path / 'teachers'}", "name=stopped"])
+    quiet = Console(quiet=True)
+    cfg = absolute_paths(ensure_teachers(cfg, lambda t: run_local(t, overwrite=True, console=quiet)))
+    if ray.is_initialized():
+        ray.shutdown()
+    start_local_ray(num_cpus=2, log_to_driver=False)
+    try:
+        signal_ = StopSignal("test")
+        address = signal_.address
+        run_config = ray.train.RunConfig(name="stopped", storage_path=str(tmp_path / "runs"),
+                                         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+        trainer = make_torch_trainer(cfg, ScalingOptions(num_workers=2, gpus_per_worker=0), run_config=run_config,
+                                     stop_signal=address,
+                                     worker_hook=faults.hook("request_stop", epoch=1, name=address.name,
+                                                             namespace=address.namespace))
+        result = trainer.fit()
+        signal_.close()
+    finally:
+        stop_local_ray()
+    assert result.return_value == {"stopped": "test", "epoch": 1}
+    assert result.error is None and result.metrics["epoch"] == 1
+    assert sorted(p.name for p in (tmp_path / "runs" / "stopped").glob("checkpoint_epoch*")) == ["checkpoint_epoch0001"]
+
+
 def get(dashboard: str, path: str, token: str) -> Any:
     request = urllib.request.Request(f"{dashboard}{path}", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as resp:
@@ -71,13 +115,15 @@ def test_a_trial_asha_stops_ends_its_train_run_finished_not_aborted(tmp_path: Pa
     ray_bin = Path(sys.executable).with_name("ray")
     gcs, dash = free_port(), free_port()
     token = secrets.token_hex(32)
+    # A temp dir of our own, so this head is not "the latest cluster" that other processes' ray.init finds.
+    temp_dir = tempfile.mkdtemp(prefix="rays", dir="/tmp")
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - the head writes to it until it stops
     env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ADDRESS=f"127.0.0.1:{gcs}",
                   RAY_TRAIN_ENABLE_STATE_TRACKING="1")
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
-                             "--disable-usage-stats", *head_port_flags(gcs, dash)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                             "--disable-usage-stats", "--temp-dir", temp_dir, *head_port_flags(gcs, dash)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
@@ -86,7 +132,8 @@ def test_a_trial_asha_stops_ends_its_train_run_finished_not_aborted(tmp_path: Pa
                 get(dashboard, "/api/version", token)
                 break
             except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "the head node did not come up"
+                assert head.poll() is None, (tmp_path / "head.log").read_text()[-4000:]
+                assert time.monotonic() < deadline, "the head node did not come up"
                 time.sleep(2)
         proc = subprocess.run([*smoke_args(tmp_path, cifar_root, "--address", f"127.0.0.1:{gcs}", "--num-samples",
                                            "4", "--max-concurrent", "1", "--reduction-factor", "100")],
@@ -102,17 +149,17 @@ def test_a_trial_asha_stops_ends_its_train_run_finished_not_aborted(tmp_path: Pa
         assert stopped, "ASHA stopped no trial"
         study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{exp / 'optuna.db'}")
         folders = {t.user_attrs["ray_trial_id"]: Path(t.user_attrs["run_folder"]) for t in study.trials}
-        for tid in stopped:  # the run folder says where Tune stopped it: after the last epoch it reported
-            note = json.loads((folders[tid] / "stopped.json").read_text())
-            assert note["after_epoch"] == rows[tid]["epochs"] and note["max_epochs"] == 3, note
-        for tid in set(rows) - set(stopped):
-            assert not (folders[tid] / "stopped.json").exists()
         # Ray's Train state: every trial's run (and the teachers') ended FINISHED, none ABORTED.
         runs = {r["name"]: r for r in train_runs(dashboard, token)}
         for tid, folder in folders.items():
             run = runs[folder.name]
             assert run["status"] == "FINISHED", (tid, tid in stopped, run["status"], run.get("status_detail"))
         assert not [r for r in runs.values() if r["status"] == "ABORTED"], runs
+        for tid in stopped:  # the run folder says where Tune stopped it: after the last epoch it reported
+            note = json.loads((folders[tid] / "stopped.json").read_text())
+            assert note["after_epoch"] == rows[tid]["epochs"] and note["max_epochs"] == 3, note
+        for tid in set(rows) - set(stopped):
+            assert not (folders[tid] / "stopped.json").exists()
         print(f"cooperative stop: {len(stopped)} of 4 trials stopped by ASHA, {time.monotonic() - start:.0f} s")
     finally:
         head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
@@ -121,4 +168,6 @@ def test_a_trial_asha_stops_ends_its_train_run_finished_not_aborted(tmp_path: Pa
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
