@@ -33,18 +33,18 @@ from bmtard_ray.training.teachers import ensure_teachers
 
 def test_the_workers_poll_every_few_steps_and_stop_where_the_ranks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[int] = []
-    answer: dict[str, str | None] = {"reason": None}
+    signal_: dict[str, Any] = {"reason": None, "acked": 0}
 
-    def ask(address: StopAddress) -> str | None:
+    def ask(address: StopAddress) -> tuple[str | None, int | None]:
         asked.append(poll.calls)
-        return answer["reason"]
+        return signal_["reason"], signal_["acked"]
 
     monkeypatch.setattr(stop_module, "_ask", ask)
     inner = iter([False, True] * 20)
     poll = StopPoll(StopAddress("s", None), rank=0, world_size=1, inner=lambda: next(inner), every=3)
     assert [poll() for _ in range(6)] == [False, True, False, True, False, True]  # the inner hook's answers
     assert asked == [3, 6]                       # the signal is asked every `every` steps only
-    answer["reason"] = "tune"
+    signal_["reason"] = "tune"
     poll(), poll()
     with pytest.raises(StopRequested):
         poll()                                   # the next poll step
@@ -53,9 +53,23 @@ def test_the_workers_poll_every_few_steps_and_stop_where_the_ranks_agree(monkeyp
         poll.check()                             # an epoch's end asks at once
     # Without an address (run_train.py): nothing is asked, the inner hook alone answers.
     quiet = StopPoll(None, rank=0, world_size=1)
-    assert not any(quiet() for _ in range(30)) and quiet.check() is None
+    assert not any(quiet() for _ in range(30)) and quiet.check(acked_at_least=5) is None
     assert StopAddress.from_dict(StopAddress("n", "ns").to_dict()) == StopAddress("n", "ns")
     assert StopAddress.from_dict(None) is None
+
+
+def test_an_epochs_report_waits_for_the_owners_verdict_on_the_previous_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epoch 2 is reported only once the owner acknowledged epoch 1 (it goes on) or asked to stop; an owner
+    that cannot be reached any more does not hold the workers."""
+    answers = iter([(None, 0), (None, 0), (None, 1)])
+    monkeypatch.setattr(stop_module, "_ask", lambda address: next(answers))
+    poll = StopPoll(StopAddress("s", None), rank=0, world_size=1, wait_s=0.0)
+    poll.check(acked_at_least=1)                 # returned on the third answer: acknowledged
+    answers = iter([(None, 0), ("tune", 0)])
+    with pytest.raises(StopRequested):
+        poll.check(acked_at_least=1)             # stopped while waiting: nothing is reported
+    answers = iter([(None, 0), (None, None)])
+    poll.check(acked_at_least=1)                 # the signal is gone
 
 
 @pytest.mark.slow

@@ -9,12 +9,18 @@ on, and the training function returns normally: the controller ends the run FINI
 
 Agreement: rank 0 asks the signal every ``every`` iterations (and at each epoch's end, before that epoch's
 report) and broadcasts the answer (``ray.train.collective.broadcast_from_rank_zero``); every rank makes the
-same calls, so all ranks leave after the same optimiser step, with no collective left half-done. Nothing is
-reported (no metrics, no checkpoint) after the stop is seen: the checkpoint the owner saw last stays the
-run's newest (a trial keeps one).
+same calls, so all ranks leave after the same optimiser step, with no collective left half-done.
+
+No checkpoint after the owner's verdict: a report reaches the owner seconds after the workers made it (Ray
+Train's controller polls them every 2 s), so workers with short epochs are an epoch ahead when the owner
+decides to stop on epoch N; had they reported epoch N+1 meanwhile, its checkpoint would replace epoch N's (a
+trial keeps one), the one the owner's last result names. So the owner ``acknowledge()`` s each epoch it lets
+go on past, and the workers report epoch N+1 only once epoch N is acknowledged or a stop is requested (then
+they report nothing). Epochs longer than that latency never wait.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,12 +54,16 @@ class StopAddress:
 class _SignalActor:
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.acked = 0
 
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
 
-    def requested(self) -> str | None:
-        return self.reason
+    def acknowledge(self, epoch: int) -> None:
+        self.acked = max(self.acked, epoch)
+
+    def state(self) -> tuple[str | None, int]:
+        return self.reason, self.acked
 
 
 class StopSignal:
@@ -63,24 +73,33 @@ class StopSignal:
         name = f"bmtard-stop-{label}-{uuid.uuid4().hex[:8]}"
         self.address = StopAddress(name, ray.get_runtime_context().namespace)
         self._actor = _SignalActor.options(name=name, namespace=self.address.namespace).remote()  # type: ignore[attr-defined]
-        ray.get(self._actor.requested.remote())  # up before any worker looks it up
+        ray.get(self._actor.state.remote())  # up before any worker looks it up
 
     def request(self, reason: str) -> None:
         ray.get(self._actor.request.remote(reason), timeout=30)
+
+    def acknowledge(self, epoch: int) -> None:
+        """The owner has seen epoch ``epoch`` and lets the run go on past it."""
+        ray.get(self._actor.acknowledge.remote(int(epoch)), timeout=30)
 
     def close(self) -> None:
         ray.kill(self._actor)
 
 
-def _ask(address: StopAddress) -> str | None:
-    """Rank 0: the reason a stop was requested, or None (also when the signal cannot be reached: its owner is
-    gone, and Ray ends this run anyway)."""
+_HANDLES: dict[StopAddress, Any] = {}  # looked up once per worker process (a GCS call)
+
+
+def _ask(address: StopAddress) -> tuple[str | None, int | None]:
+    """Rank 0: the reason a stop was requested (or None) and the epoch acknowledged last; (None, None) when the
+    signal cannot be reached (its owner is gone, and Ray ends this run anyway). About a millisecond."""
     try:
-        actor = ray.get_actor(address.name, namespace=address.namespace)
-        reason = ray.get(actor.requested.remote(), timeout=10)
+        if address not in _HANDLES:
+            _HANDLES[address] = ray.get_actor(address.name, namespace=address.namespace)
+        reason, acked = ray.get(_HANDLES[address].state.remote(), timeout=10)
     except Exception:  # noqa: BLE001 - any Ray failure here means "no request seen"
-        return None
-    return str(reason) if reason else None
+        _HANDLES.pop(address, None)
+        return None, None
+    return (str(reason) if reason else None), int(acked)
 
 
 class StopPoll:
@@ -89,16 +108,25 @@ class StopPoll:
     agree to stop. Without an address it only passes ``inner`` through."""
 
     def __init__(self, address: StopAddress | None, *, rank: int, world_size: int,
-                 inner: Callable[[], bool] | None = None, every: int = 10) -> None:
+                 inner: Callable[[], bool] | None = None, every: int = 10, wait_s: float = 0.1) -> None:
         self.address, self.rank, self.world_size, self.inner, self.every = address, rank, world_size, inner, every
+        self.wait_s = wait_s
         self.calls = 0
         self.reason: str | None = None
 
-    def check(self) -> None:
-        """A collective when world_size > 1: every rank calls it at the same point."""
+    def check(self, acked_at_least: int = 0) -> None:
+        """Raise StopRequested if a stop was requested; first wait (rank 0) until the owner has acknowledged
+        epoch ``acked_at_least`` or asked to stop. A collective when world_size > 1: every rank calls it at
+        the same point."""
         if self.address is None:
             return
-        reason = _ask(self.address) if self.rank == 0 else None
+        reason = None
+        if self.rank == 0:
+            while True:
+                reason, acked = _ask(self.address)
+                if reason or acked is None or acked >= acked_at_least:
+                    break
+                time.sleep(self.wait_s)
         if self.world_size > 1:
             from ray.train.collective import broadcast_from_rank_zero
 

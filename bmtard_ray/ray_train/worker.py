@@ -92,12 +92,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     gcs = ray.get_runtime_context().gcs_address
     stop = StopPoll(StopAddress.from_dict(config.get("stop_signal")), rank=rank, world_size=dist.world_size,
                     inner=PreemptionPoll())
-    reported = {"epoch": 0}  # the last epoch reported (what the owner of a stopped run saw last)
+    reported = {"epoch": 0, "start": 0}  # the last epoch reported; the epoch the run (re)started from
 
     def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         orphaned_stop(gcs)  # a worker whose cluster is gone writes no checkpoint the driver cannot know of
-        if "epoch" in metrics:  # an epoch's end (every rank): a stop requested during it wins over its report
-            stop.check()
+        if "epoch" in metrics:  # an epoch's end (every rank): a stop requested during it wins over its report,
+            # which waits for the owner's verdict on the previous one (see bmtard_ray.ray_train.stop)
+            stop.check(acked_at_least=reported["epoch"] if reported["epoch"] > reported["start"] else 0)
         metrics = _jsonable(metrics)
         reported["epoch"] = int(metrics.get("epoch", reported["epoch"]))
         if checkpoint is None or rank != 0:
@@ -121,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         state = checkpoints.read_file(config["resume_from"])
     if state is not None:
         trainer.load_state_dict(state)
-    reported["epoch"] = trainer.state.epoch
+    reported["epoch"] = reported["start"] = trainer.state.epoch
     run_worker_hook(trainer, config.get("worker_hook"))
     try:
         trainer.fit()

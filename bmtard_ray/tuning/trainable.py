@@ -11,12 +11,13 @@ trial optuna-dashboard shows), both fixed for the trial's life: when ``--resume`
 trial, Ray Train finds the run's checkpoint snapshot under the same name and continues from its last epoch.
 
 A trial Tune stops (ASHA's decision, the epoch budget, the experiment's end) stops its Train run cooperatively
-(:class:`StopsCooperatively`): Tune calls the trial actor's ``stop()``, whose ``cleanup()`` here asks the run's
-:class:`~bmtard_ray.ray_train.stop.StopSignal`, waits (at most ``STOP_WAIT_S``) until the workers have left
-at an iteration boundary and ``fit()`` has returned, and only then lets Tune end the actor. Ray's Train state
-then reads the run FINISHED instead of ABORTED, and the run folder gets ``stopped.json`` (the last epoch
-reported). Tune waits up to ``TUNE_FORCE_TRIAL_CLEANUP_S`` (600 s) for a stop during the search, but only
-about 10 s at the experiment's end; a stop that takes longer is cut off as before (ABORTED).
+(:class:`StopsCooperatively`, :mod:`bmtard_ray.ray_train.stop`): Tune calls the trial actor's ``stop()``,
+whose ``cleanup()`` here asks the run's :class:`~bmtard_ray.ray_train.stop.StopSignal`, waits (at most
+``STOP_WAIT_S``) until the workers have left at an iteration boundary and ``fit()`` has returned, and only
+then lets Tune end the actor. Ray's Train state then reads the run FINISHED instead of ABORTED, and the run
+folder gets ``stopped.json`` (the last epoch reported). Tune waits up to ``TUNE_FORCE_TRIAL_CLEANUP_S``
+(600 s) for a stop during the search, but only about 10 s at the experiment's end; a stop that takes longer
+is cut off as before (ABORTED).
 """
 from __future__ import annotations
 
@@ -59,7 +60,22 @@ _RUNNING: dict[str, _Running] = {}  # trial id -> its Train run, in this trial a
 
 class StopsCooperatively(FunctionTrainable):
     """Mixed into the trial's function trainable (``wrap_function`` honours ``__mixins__``): Tune's ``stop()``
-    calls ``cleanup()`` on the actor's main thread while ``bmtard_trial`` runs in its training thread."""
+    calls ``cleanup()`` on the actor's main thread while ``bmtard_trial`` runs in its training thread.
+
+    Tune asks for the next result (``step()``) only once it has let the trial go on past the last one, so
+    ``step()`` acknowledges that epoch to the workers, who report the next epoch (and its checkpoint, which
+    replaces the last) only then: a trial stopped on epoch N keeps epoch N's checkpoint."""
+
+    _seen_epoch = 0
+
+    def step(self) -> dict[str, Any]:
+        running = _RUNNING.get(self.trial_id)
+        if running is not None and self._seen_epoch:
+            running.signal.acknowledge(self._seen_epoch)
+        result: dict[str, Any] = super().step()
+        if isinstance(result.get("epoch"), (int, float)):
+            self._seen_epoch = int(result["epoch"])
+        return result
 
     def cleanup(self) -> None:
         running = _RUNNING.get(self.trial_id)
