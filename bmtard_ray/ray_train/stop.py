@@ -79,8 +79,12 @@ class StopSignal:
         ray.get(self._actor.request.remote(reason), timeout=30)
 
     def acknowledge(self, epoch: int) -> None:
-        """The owner has seen epoch ``epoch`` and lets the run go on past it."""
-        ray.get(self._actor.acknowledge.remote(int(epoch)), timeout=30)
+        """The owner has seen epoch ``epoch`` and lets the run go on past it. Never raises: a signal closed
+        meanwhile (the run just ended) has no worker left to tell."""
+        try:
+            ray.get(self._actor.acknowledge.remote(int(epoch)), timeout=30)
+        except Exception:  # noqa: BLE001
+            pass
 
     def close(self) -> None:
         ray.kill(self._actor)
