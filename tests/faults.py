@@ -84,6 +84,24 @@ def record_start(trainer: Any, *, path: str, slow_s: float = 0.0) -> None:
     trainer.method.step = paced_step
 
 
+def request_stop(trainer: Any, *, epoch: int, name: str, namespace: str | None) -> None:
+    """Rank 0 asks the run's stop signal (the named actor of bmtard_ray.ray_train.stop) to stop right after
+    reporting ``epoch``, as a Tune trial does when ASHA stops it on that report; the other ranks learn it
+    only from the workers' agreement."""
+    if trainer.dist.rank != 0:
+        return
+    report = trainer.report
+
+    def report_then_stop(metrics: dict[str, Any], checkpoint: Any) -> None:
+        report(metrics, checkpoint)
+        if metrics.get("epoch") == int(epoch):
+            import ray
+
+            ray.get(ray.get_actor(name, namespace=namespace).request.remote("test"))
+
+    trainer.report = report_then_stop
+
+
 def hook(function: str, **kwargs: Any) -> dict[str, Any]:
     """The ``worker_hook`` argument of ``run_ray`` that calls ``function`` of this file with ``kwargs``."""
     return {"file": str(Path(__file__).resolve()), "function": function, "kwargs": kwargs}

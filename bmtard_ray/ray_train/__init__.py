@@ -15,7 +15,8 @@ Public API (the Tune layer builds the same trainer inside a Tune function traina
     run_ray(cfg, scaling, *, address=None, storage_path=None, resume=None, overwrite=False, failure_max=2,
             keep_checkpoints=2, console=None) -> summary dict          # the whole run, driver side
     make_torch_trainer(cfg, scaling, *, run_config=None, storage_path=None, failure_max=2, keep_checkpoints=2,
-                       callbacks=(), resume_from=None, finish=False) -> TorchTrainer
+                       callbacks=(), resume_from=None, finish=False,
+                       stop_signal=None) -> TorchTrainer             # stop_signal: StopSignal(...).address
     train_loop_per_worker(config: dict) -> summary dict | None        # module level, picklable by reference
     absolute_paths(cfg) -> RunConfig                                  # call on the driver (workers chdir)
 
@@ -53,7 +54,8 @@ from __future__ import annotations
 
 # Modules, each with one job: scaling (workers and resources), placement (failure budget, how long a run waits
 # for its workers), cluster (connect / start Ray, resource checks),
-# worker (the trainer on each worker), view (the driver's live table), driver (the run itself). Run folders and
+# worker (the trainer on each worker), view (the driver's live table), driver (the run itself), stop (a
+# cooperative stop asked for from outside the run: a Tune trial that ASHA stops). Run folders and
 # checkpoints are bmtard_ray.storage's, shared with the in-process launch.
 from bmtard_ray.ray_train.cluster import check_reachable, check_resources, connect, start_local_ray, stop_local_ray
 from bmtard_ray.ray_train.driver import fit_with_view, make_torch_trainer, run_ray, user_error

@@ -25,6 +25,7 @@ from bmtard_ray.ray_train.lost import GcsWatch, exit_lost, gcs_answers, lost_err
 from bmtard_ray.ray_train.node_preflight import preflight_nodes
 from bmtard_ray.ray_train.placement import failure_config, not_placed, placement_deadline
 from bmtard_ray.ray_train.scaling import ScalingOptions
+from bmtard_ray.ray_train.stop import StopAddress
 from bmtard_ray.ray_train.view import EpochView, ForwardToDriver, pump
 from bmtard_ray.ray_train.worker import train_loop_per_worker
 from bmtard_ray.storage import checkpoints
@@ -37,12 +38,14 @@ from bmtard_ray.training.teachers import check_given_teachers, ensure_teachers, 
 def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: RayRunConfig | None = None,
                        storage_path: str | None = None, failure_max: int = 2, keep_checkpoints: int = 2,
                        callbacks: Sequence[UserCallback] = (), resume_from: str | Path | None = None,
-                       finish: bool = False, worker_hook: dict[str, Any] | None = None) -> TorchTrainer:
+                       finish: bool = False, worker_hook: dict[str, Any] | None = None,
+                       stop_signal: StopAddress | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` (paths must already be absolute: see :func:`absolute_paths`).
 
     With ``run_config`` (e.g. Tune's, carrying ``TuneReportCallback``) its name and storage path define the
     run folder; otherwise the run is ``<storage_path or cfg.output_dir>/<cfg.name>`` with
-    :func:`~bmtard_ray.ray_train.placement.failure_config` and the newest ``keep_checkpoints`` checkpoints kept."""
+    :func:`~bmtard_ray.ray_train.placement.failure_config` and the newest ``keep_checkpoints`` checkpoints kept.
+    ``stop_signal``: where the workers look for a cooperative stop (see :mod:`bmtard_ray.ray_train.stop`)."""
     scaling = scaling.validate()
     if scaling.gpus_per_worker is None or scaling.cpus_per_worker is None:
         scaling = scaling.resolved(cfg, ray.nodes() if ray.is_initialized() else ())
@@ -54,7 +57,8 @@ def make_torch_trainer(cfg: RunConfig, scaling: ScalingOptions, *, run_config: R
             callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING"))
     run_dir = join(str(run_config.storage_path), str(run_config.name))
     loop_config = {"cfg": to_dict(cfg), "run_dir": run_dir, "resume_from": str(resume_from) if resume_from else None,
-                   "finish": finish, "worker_hook": worker_hook}
+                   "finish": finish, "worker_hook": worker_hook,
+                   "stop_signal": stop_signal.to_dict() if stop_signal else None}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling.to_ray(),
                         run_config=run_config)
 

@@ -16,6 +16,7 @@ from ray.train import Checkpoint
 from bmtard_ray.config import from_dict
 from bmtard_ray.errors import ConfigError
 from bmtard_ray.ray_train.node_check import check_node_inputs
+from bmtard_ray.ray_train.stop import STOPPED_KEY, StopAddress, StopPoll, StopRequested
 from bmtard_ray.runtime.dist import DistContext
 from bmtard_ray.storage import checkpoints, paths
 from bmtard_ray.training.trainer import Trainer
@@ -75,8 +76,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker. ``config`` is what :func:`make_torch_trainer` built:
     ``cfg`` (RunConfig as a dict, absolute paths), ``run_dir`` (storage path or URI of the run folder),
     ``resume_from`` (a checkpoint file to start from when Ray has none), ``finish``, ``worker_hook``
-    (tests: see :func:`run_worker_hook`). Returns the run's summary when ``finish`` (Ray hands rank 0's to the
-    driver), else None."""
+    (tests: see :func:`run_worker_hook`), ``stop_signal`` (a :class:`~bmtard_ray.ray_train.stop.StopAddress`
+    as a dict, or None). Returns the run's summary when ``finish`` (Ray hands rank 0's to the driver), else
+    None; a run stopped through its signal returns ``{"stopped": reason, "epoch": last epoch done}`` instead."""
     _quiet_ray_train_worker()
     cfg = from_dict(config["cfg"])
     check_node_inputs(cfg)  # this node's copy of the data and teachers, before any collective or step
@@ -88,10 +90,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     dist = DistContext()  # the process group Ray Train initialised (gloo on CPU, nccl on GPU)
 
     gcs = ray.get_runtime_context().gcs_address
+    stop = StopPoll(StopAddress.from_dict(config.get("stop_signal")), rank=rank, world_size=dist.world_size,
+                    inner=PreemptionPoll())
+    reported = {"epoch": 0, "start": 0}  # the last epoch reported; the epoch the run (re)started from
 
     def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         orphaned_stop(gcs)  # a worker whose cluster is gone writes no checkpoint the driver cannot know of
+        if "epoch" in metrics:  # an epoch's end (every rank): a stop requested during it wins over its report,
+            # which waits for the owner's verdict on the previous one (see bmtard_ray.ray_train.stop)
+            stop.check(acked_at_least=reported["epoch"] if reported["epoch"] > reported["start"] else 0)
         metrics = _jsonable(metrics)
+        reported["epoch"] = int(metrics.get("epoch", reported["epoch"]))
         if checkpoint is None or rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -103,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                     else checkpoints.folder_name(checkpoint["epoch"], metrics["batches"]))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
-    trainer = Trainer(cfg, device=device, dist=dist, report=report, checkpoint_now=PreemptionPoll())
+    trainer = Trainer(cfg, device=device, dist=dist, report=report, checkpoint_now=stop)
     state = None
     restored = ray.train.get_checkpoint()  # set after a worker failure, or when the run folder has a snapshot
     if restored is not None:
@@ -113,8 +122,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         state = checkpoints.read_file(config["resume_from"])
     if state is not None:
         trainer.load_state_dict(state)
+    reported["epoch"] = reported["start"] = trainer.state.epoch
     run_worker_hook(trainer, config.get("worker_hook"))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except StopRequested:  # every rank, after the same step: return normally, the run ends FINISHED
+        return {STOPPED_KEY: stop.reason, "epoch": reported["epoch"]}
     if not config.get("finish"):
         return None
     run_dir = str(config["run_dir"])
