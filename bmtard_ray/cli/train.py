@@ -74,6 +74,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     changes = dict(parse_override(o) for o in given_shortcuts(args) + list(args.overrides))
     resume = args.resume if args.resume and not is_uri(args.resume) else None
     if resume is not None:
+        checkpoints.find(resume)  # nothing to resume is the first thing to say
         given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config)) if value]
         if given:
             raise ConfigError(f"{' and '.join(given)} cannot be combined with --resume: the run continues with the "
