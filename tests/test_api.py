@@ -83,11 +83,11 @@ def test_train_then_evaluate_from_python(tmp_path: Path, cifar_root: Path) -> No
 @pytest.mark.slow
 def test_a_smoke_search_over_a_timm_student_from_python(tmp_path: Path, cifar_root: Path) -> None:
     found = bmtard_ray.search(smoke_test=True, config={"student": "timm:test_resnet", "data.root": str(cifar_root)},
-                              num_samples=2, num_cpus=2, output_dir=str(tmp_path / "runs"), final_attacks="clean",
+                              num_samples=1, num_cpus=2, output_dir=str(tmp_path / "runs"), final_attacks="clean",
                               quiet=True)
     assert found.complete and found.best is not None, found.summary
     assert found.experiment_dir == (tmp_path / "runs" / "smoke").resolve()
-    assert found.summary["trials"] == 2 and found.summary["errored"] == 0
+    assert found.summary["trials"] == 1 and found.summary["errored"] == 0
     model = found.model
     assert type(model).__module__.startswith("timm."), type(model)  # timm's class, normalising inside
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)

@@ -88,6 +88,17 @@ def wait_for(driver: object, texts: list[str], shots: Path, name: str, timeout_s
         time.sleep(1.0)
 
 
+def scroll_to(driver: object, text: str) -> None:
+    """Bring the first element whose own text holds ``text`` to the top of the window (for the screenshots);
+    nothing when no element does."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.XPATH, f"//*[contains(text(), '{text}')]")  # type: ignore[attr-defined]
+    if found:
+        driver.execute_script("arguments[0].scrollIntoView(true);", found[0])  # type: ignore[attr-defined]
+        time.sleep(1.0)
+
+
 def screenshot(driver: object, shots: Path, name: str) -> Path:
     """A PNG of the page, palette-reduced to stay small; also into $BMTARD_SCREENSHOTS (docs/) when set."""
     from PIL import Image
@@ -189,6 +200,8 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
                            "selected_trial", "versus_runner_up", chosen["versus_runner_up"].split(":")[0],
                            "balance", chosen["balance"].split(":")[0], "run_folder", Path(chosen["run_folder"]).name,
                            "test_w_robust", "Intermediate values", "optim.lr"], shots, "optuna-study")
+        browser.set_window_size(1280, 1400)  # type: ignore[attr-defined]
+        scroll_to(browser, "Study User Attributes")  # the selected trial and the answers about it
         screenshot(browser, shots, "review-optuna-study")
         # The selected trial's own page: its outcome and its balance as user attributes.
         browser.get(f"{study_url}/trials?numbers={chosen['number']}")  # type: ignore[attr-defined]
@@ -196,7 +209,8 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
         wait_for(browser, [f"Trial {t.number}" for t in study.trials] + [*states, "Intermediate Values",
                  "ray_trial_id", "run_folder", "val_w_robust_se", "tau_adv_at_bound", "H_target", "H_adv", *params],
                  shots, "optuna-trials")
-        screenshot(browser, shots, "review-optuna-trials")
+        scroll_to(browser, "(trial_id=")  # the selected trial's header
+        screenshot(browser, shots, "review-optuna-trials")  # its header and its balance attributes, in one view
 
         # TensorBoard: the runs named by Optuna number then Ray id; the custom layout puts the teachers'
         # entropies beside the target they aim at (smoothing off).
@@ -209,7 +223,9 @@ def test_review_a_running_then_finished_search_in_chromium(tmp_path: Path, cifar
         wait_for(browser, ["balance against its target", "teacher entropies and the target (nats)"], shots,
                  "tensorboard-custom")
         time.sleep(3)  # the charts draw after their titles
+        scroll_to(browser, "balance against its target")
         screenshot(browser, shots, "review-tensorboard")
+        browser.set_window_size(1280, 860)  # type: ignore[attr-defined]
 
         stop_review(review, [study_url, tb_url])  # Ctrl-C: both servers stop, their ports close
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -375,15 +376,18 @@ def test_run_train_refuses_a_bad_image_folder_in_one_line(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_two_ray_workers_stream_an_image_folder(folder: Path, tmp_path: Path) -> None:
-    # natural: one Ray Train run (no teachers to train first), so the test stays well under two minutes
+    # natural: one Ray Train run (no teachers to train first), so the test stays well under two minutes. The
+    # student is a user's factory in the working directory: the Ray Train workers import it too.
+    shutil.copy(Path(__file__).with_name("user_models.py"), tmp_path / "my_ray_models.py")
     proc = cli("--preset", "smoke", "--method", "natural", "--dataset", "imagefolder", "--data-root", str(folder),
                "--epochs", "1", "--output-dir", str(tmp_path / "runs"), "--set", "data.val_size=60", "--set",
-               "data.memory_budget_mb=0", "--workers", "2", cwd=tmp_path)
+               "data.memory_budget_mb=0", "--workers", "2", "--student", "my_ray_models:tiny_net", cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "2 Ray worker(s)" in " ".join(proc.stdout.split()), proc.stdout[-2000:]
     run = tmp_path / "runs" / "bmtard-smoke"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["classes"] == sorted(CLASSES) and (run / "model.pt").is_file()
+    assert summary["student"] == "my_ray_models:tiny_net"
     (entry,) = (tmp_path / "runs" / "data_cache").iterdir()  # decoded once, by the driver; workers read it
     assert entry.name.startswith("imagefolder-")
 

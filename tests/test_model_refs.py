@@ -313,18 +313,3 @@ def test_bad_references_on_the_command_line_are_one_line_exit_2_and_write_nothin
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "unknown timm model 'nope_x'" in lines[0], lines
     assert list(tmp_path.iterdir()) == [tmp_path / "w.pt"]
-
-
-@pytest.mark.slow
-def test_a_user_module_in_the_working_directory_imports_on_ray_workers(tmp_path: Path) -> None:
-    shutil.copy(HERE / "user_models.py", tmp_path / "my_ray_models.py")
-    script = ("import ray\nfrom bmtard_ray.ray_train.cluster import connect, stop_local_ray\n"
-              "connect(None, num_cpus=1)\n"
-              "@ray.remote(num_cpus=1)\ndef build():\n"
-              "    from bmtard_ray.models import build_model\n    import torch\n"
-              "    return tuple(build_model('my_ray_models:tiny_net', 5)(torch.rand(1, 3, 8, 8)).shape)\n"
-              "try:\n    print('SHAPE', ray.get(build.remote()))\nfinally:\n    stop_local_ray()\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=env)
-    assert "SHAPE (1, 5)" in proc.stdout, proc.stderr[-3000:]
