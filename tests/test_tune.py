@@ -479,6 +479,16 @@ def test_an_existing_experiment_is_not_overwritten_by_accident(tmp_path: Path,
 # End to end (slow): run_tune.py on the CIFAR-10 copy with tiny models, as a user runs it.
 
 
+def stop_head(head: subprocess.Popen) -> None:
+    """Stop a ``ray start --block`` head started by a test: SIGTERM stops what it started; SIGKILL if it hangs."""
+    head.terminate()
+    try:
+        head.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
@@ -687,9 +697,4 @@ def test_works_under_ray_job_submit_with_token_authentication(tmp_path: Path, ci
         # The job ran in a temporary copy of the code; its teachers stayed under the absolute --output-dir.
         assert len(list((tmp_path / "runs" / "teachers").glob("*/model.pt"))) == 2
     finally:
-        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_head(head)

@@ -4,10 +4,8 @@ iteration boundary every rank agrees on and return, so Ray's Train state reads t
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import free_port, head_port_flags
 from rich.console import Console
-from test_tune import check_experiment, cli_env, smoke_args
+from test_tune import check_experiment, cli_env, smoke_args, stop_head
 
 from bmtard_ray.config import build_config
 from bmtard_ray.launch.local import run_local
@@ -176,12 +174,7 @@ def test_a_trial_asha_stops_ends_its_train_run_finished_not_aborted(tmp_path: Pa
             assert not (folders[tid] / "stopped.json").exists()
         print(f"cooperative stop: {len(stopped)} of 4 trials stopped by ASHA, {time.monotonic() - start:.0f} s")
     finally:
-        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_head(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
