@@ -179,7 +179,7 @@ def search(args: argparse.Namespace, strength: str) -> dict[str, Any]:
             cmd += ["--resume", str(exp)]
         else:
             cmd += ["--space", SPACE, "--preset", scale["preset"], "--output-dir", str(exp.parent), "--name", SPACE,
-                    "--seed", "0", "--num-samples", str(args.trials), "--grace-period", str(scale["grace"]),
+                    "--seed", "0", "--num-samples", str(args.trials), "--grace-period", str(args.grace),
                     "--reduction-factor", str(scale["reduction"]), "--final-attacks", "clean,pgd_sat",
                     "--final-examples", str(args.suite_n), "--num-cpus", str(os.cpu_count() or 1), "--quiet",
                     *[a for s in [*common_overrides(args), f"teachers.robust.checkpoint={robust}", *scale["set"],
@@ -308,6 +308,7 @@ def main() -> int:
     scale = SCALES[args.scale]
     args.seeds = scale["seeds"] if args.seeds is None else args.seeds
     args.trials = scale["trials"] if args.trials is None else args.trials
+    args.grace = scale["grace"]
     args.suite_n, args.aa_n, args.attacks = scale["suite_n"], scale["aa_n"], list(scale["attacks"])
     args.figures = args.figures or args.out
     args.records = args.records or args.out / "records"

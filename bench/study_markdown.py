@@ -18,6 +18,7 @@ from study_report import (
     TEACHER_ARMS,
     curves_of,
     figure,
+    first_agreeing_epoch,
     gap,
     metric,
     rank_correlations,
@@ -89,7 +90,8 @@ def search_line(found: dict[str, Any] | None) -> list[str]:
             f"{best['validation']['val_w_robust']:.2f})."]
 
 
-def correlation_lines(rows: dict[str, list[dict[str, Any]]], found: dict[str, Any] | None, epochs: int) -> list[str]:
+def correlation_lines(rows: dict[str, list[dict[str, Any]]], found: dict[str, Any] | None, epochs: int,
+                      grace: int) -> list[str]:
     curves, n_runs, n_trials = curves_of(rows, found, epochs)
     corr = rank_correlations(curves)
     if not corr:
@@ -99,6 +101,13 @@ def correlation_lines(rows: dict[str, list[dict[str, Any]]], found: dict[str, An
              "bootstrap interval over the curves.", "", "| epoch | " + " | ".join(str(e) for e, *_ in corr) + " |",
              "|---|" + "---:|" * len(corr),
              "| Spearman | " + " | ".join(f"{rho:.2f} [{lo:.2f}, {hi:.2f}]" for _, rho, lo, hi in corr) + " |"]
+    chance, moderate = (first_agreeing_epoch(corr, f) for f in (0.0, 0.5))
+
+    def said(e: int | None) -> str:
+        return f"epoch {e}" if e is not None else "no epoch before the last"
+    lines += ["", f"Reading: the first epoch whose ranking agrees with the final one beyond chance (interval above 0) "
+              f"is {said(chance)}; at least moderately (interval above 0.5), {said(moderate)}. ASHA first ranks "
+              f"trials at its grace period (`--grace-period`, {grace} in this study's searches)."]
     return lines
 
 
@@ -171,7 +180,7 @@ def markdown(args: argparse.Namespace, plan: list[tuple[str, int, str]], cfg: Ru
         if arms:
             lines += [*table(arms), "", *gaps(arms), ""]
         lines += ["By the rule written down before the study (primary metric, clear = beyond two standard errors):",
-                  *verdict(arms), "", *correlation_lines(arms, found, o.epochs), ""]
+                  *verdict(arms), "", *correlation_lines(arms, found, o.epochs, args.grace), ""]
         fig = figure(arms, args.figures / f"{args.scale}_balance_study_{strength}.png", LABELS[strength])
         if fig is not None:
             figures.append(fig)

@@ -164,6 +164,16 @@ def rank_correlations(curves: list[list[float]]) -> list[tuple[int, float, float
     return out
 
 
+def first_agreeing_epoch(corr: list[tuple[int, float, float, float]], floor: float) -> int | None:
+    """The first epoch before the last whose ranking agrees with the final one beyond its uncertainty: the
+    lower end of its 95 % interval is above ``floor`` (0: better than chance; 0.5: at least moderately).
+    ASHA's grace period is the first epoch at which it ranks trials, so this is the measured floor for it."""
+    for e, _, lo, _ in corr[:-1]:
+        if not math.isnan(lo) and lo > floor:
+            return e
+    return None
+
+
 def curves_of(rows: dict[str, list[dict[str, Any]]], search: dict[str, Any] | None, epochs: int
               ) -> tuple[list[list[float]], int, int]:
     """Per-epoch validation W-Robust curves of every teacher-arm run and every search trial that ran all

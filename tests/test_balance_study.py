@@ -5,6 +5,7 @@ bad input."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,11 @@ def test_rank_correlation_and_its_interval() -> None:
     (_, first, lo, hi), (_, last, _, _) = report.rank_correlations(flipped)
     assert abs(first + 1) < 1e-12 and abs(last - 1) < 1e-12 and lo <= first <= hi
     assert report.rank_correlations(same[:3]) == []  # too few curves to say anything
+    # the first epoch whose interval lies above the floor; the last epoch (the final ranking itself) never counts
+    corr = [(1, -0.3, -0.7, 0.2), (2, 0.4, 0.1, 0.8), (3, 0.8, 0.6, 0.95), (4, 1.0, 1.0, 1.0)]
+    assert report.first_agreeing_epoch(corr, 0.0) == 2 and report.first_agreeing_epoch(corr, 0.5) == 3
+    assert report.first_agreeing_epoch(corr[:2] + corr[3:], 0.5) is None
+    assert report.first_agreeing_epoch([(1, math.nan, math.nan, math.nan), *corr[2:]], 0.0) == 3
 
 
 @pytest.mark.parametrize("mode", ["step", "solve"])
