@@ -42,8 +42,14 @@ def collect(args: argparse.Namespace, plan: list[tuple[str, int, str]]) -> dict[
     return rows
 
 
+def _spread(values: list[float]) -> str:
+    """Mean ± standard deviation over seeds; a single seed has no spread, so it shows its value alone."""
+    found = [v for v in values if v is not None and not math.isnan(v)]
+    return f"{found[0]:.2f}" if len(found) == 1 else fmt(*mean_std(found))
+
+
 def _ms(rs: list[dict[str, Any]], name: str, key: str = "") -> str:
-    return fmt(*mean_std([metric(r, name) if not key else r["accuracy"].get(key, math.nan) for r in rs]))
+    return _spread([metric(r, name) if not key else r["accuracy"].get(key, math.nan) for r in rs])
 
 
 def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -51,7 +57,7 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
              "| final tau (adv, nat) | train s / run | eval s / run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, rs in rows.items():
-        aa_acc = fmt(*mean_std([r["aa"]["accuracy"]["autoattack"] for r in rs if r["aa"]]))
+        aa_acc = _spread([r["aa"]["accuracy"]["autoattack"] for r in rs if r["aa"]])
         tau = [r["final_tau"] for r in rs if r["final_tau"] and None not in r["final_tau"]
                and not any(map(math.isnan, r["final_tau"]))]
         taus = "-" if not tau else ", ".join(f"{statistics.mean(t[i] for t in tau):.2f}" for i in (0, 1))
@@ -63,6 +69,8 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def gaps(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not any(arm != "mtard" for arm in rows):
+        return ["Gaps: none yet (no arm besides MTARD has run)."]
     present = [b for b in BASELINES if b in rows]
     best = max(present, key=lambda b: statistics.mean(metric(r, PRIMARY) for r in rows[b])) if present else None
     lines = ["Gaps (mean difference ± standard error over seeds; \"clear\" = beyond two standard errors), to MTARD "
@@ -123,6 +131,21 @@ def teacher_text(args: argparse.Namespace, name: str, label: str) -> str:
     return text
 
 
+STRONGER_BY = 5.0  # test PGD-20 points the strong robust teacher must gain over the weak one (RESULTS.md, amendment)
+
+
+def strength_check(args: argparse.Namespace) -> str:
+    """Whether the strong robust teacher is clearly stronger, by the bar written before it was trained."""
+    found = records.read_teachers(args.records)
+    weak, strong = found.get("robust-weak"), found.get("robust-strong")
+    if weak is None or strong is None:
+        return ""
+    lead = strong["test"]["pgd_sat"] - weak["test"]["pgd_sat"]
+    verdict = "clearly stronger" if lead >= STRONGER_BY else "NOT clearly stronger"
+    return (f" The strong robust teacher's test PGD-20 is {lead:+.1f} points from the weak one's: {verdict} by the "
+            f"bar set before it was trained (at least {STRONGER_BY:.0f} points).")
+
+
 def cost(args: argparse.Namespace, rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     def hours(rs: list[dict[str, Any]]) -> str:
         return f"{sum(r['train_seconds'] + r['eval_seconds'] for r in rs) / 3600:.1f}"
@@ -167,7 +190,7 @@ def markdown(args: argparse.Namespace, plan: list[tuple[str, int, str]], cfg: Ru
                  teacher_text(args, "clean", "clean (pyautoattack ResNet-18)"),
                  teacher_text(args, "robust-weak", "weak robust (the preset's SAT small CNN)"),
                  teacher_text(args, "robust-strong", "strong robust (the same, trained longer on the whole "
-                              "training split)")]) + ".", ""]
+                              "training split)")]) + "." + strength_check(args), ""]
     shared = rows.get("shared", {})
     by_strength: dict[str, dict[str, list[dict[str, Any]]]] = {}
     figures: list[Path] = []

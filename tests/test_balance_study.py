@@ -175,3 +175,20 @@ def test_validating_every_epoch_leaves_training_bit_for_bit_the_same(tmp_path: P
     assert all("val_w_robust" not in h for h in plain.state.history)
     _same(_result(plain), _result(validated))
     assert torch.equal(torch.cat(plain.state.trace).nan_to_num(-1), torch.cat(validated.state.trace).nan_to_num(-1))
+
+
+def test_the_strong_teacher_is_judged_by_the_bar_set_before_it_was_trained(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import argparse
+
+    import study_markdown
+    import study_records as records
+
+    args = argparse.Namespace(records=tmp_path)
+    assert study_markdown.strength_check(args) == ""  # nothing to compare before both teachers exist
+    records.write_teacher(tmp_path, "robust-weak", {"test": {"clean": 40.6, "pgd_sat": 23.8}})
+    records.write_teacher(tmp_path, "robust-strong", {"test": {"clean": 50.0, "pgd_sat": 27.8}})
+    assert "+4.0 points" in study_markdown.strength_check(args)
+    assert "NOT clearly stronger" in study_markdown.strength_check(args)
+    records.write_teacher(tmp_path, "robust-strong", {"test": {"clean": 61.2, "pgd_sat": 35.2}})
+    assert ": clearly stronger" in study_markdown.strength_check(args)
