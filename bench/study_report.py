@@ -212,7 +212,8 @@ def figure(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Pat
         axes[0].plot(it, t["tau_adv"], color=color, ls="--", label=f"{arm}: tau_adv (robust teacher)")
         axes[1].plot(it, t["H_nat"], color=color, label=f"{arm}: H_nat")
         axes[1].plot(it, t["H_adv"], color=color, ls="--", label=f"{arm}: H_adv")
-    axes[0].set_title(f"{title}: EBB temperatures (solid: clean teacher, dashed: robust)")
+    fig.suptitle(f"{title}: each arm's first seed (solid: clean teacher, dashed: robust teacher)")
+    axes[0].set_title("EBB temperatures")
     axes[1].set_title("teacher entropies at those temperatures (nats)")
     for a in axes:
         a.set_xlabel("iteration")
