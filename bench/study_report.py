@@ -68,20 +68,24 @@ def answers(rows: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
         found = difference(rows.get(a, []), rows.get(b, []), PRIMARY)
         return None if found is None else found[0] > 2 * found[1]
 
+    def unread(arms: Sequence[str]) -> str:
+        short = [a for a in arms if len(rows.get(a, [])) < 2]
+        return f"cannot be read yet ({', '.join(short)}: fewer than 2 seeds)"
+
     balanced = [a for a in TEACHER_ARMS if a != "mtard"]
     first = {a: beats(a, "mtard") for a in balanced}
     worse = [a for a in balanced if beats("mtard", a)]
     if any(first.values()):
         q1 = "**yes**: " + ", ".join(a for a, v in first.items() if v)
     elif None in first.values():
-        q1 = "cannot be read yet (fewer than 2 seeds of an arm)"
+        q1 = unread(TEACHER_ARMS)
     else:
         q1 = "**no**" + (f" (clearly worse than MTARD: {', '.join(worse)})" if worse else "")
     second = {a: [beats(a, s) for s in STEPS] for a in ("bmtard-solve", "bmtard-tuned")}
     if any(all(v) for v in second.values() if None not in v):
         q2 = "**yes**: " + ", ".join(a for a, v in second.items() if None not in v and all(v))
     elif any(None in v for v in second.values()):
-        q2 = "cannot be read yet (fewer than 2 seeds of an arm)"
+        q2 = unread(("bmtard-solve", "bmtard-tuned", *STEPS))
     else:
         q2 = "**no**"
     return q1, q2

@@ -120,7 +120,7 @@ def test_verdict_follows_the_rule_written_before_the_study() -> None:
     q1, q2 = study.verdict(rows)
     assert q1.endswith("**no** (clearly worse than MTARD: bmtard-tuned).") and q2.endswith("**no**.")
     rows["bmtard-solve"] = rows["bmtard-solve"][:1]  # one seed: no standard error, no reading
-    assert all("cannot be read yet" in q for q in study.verdict(rows))
+    assert all("cannot be read yet (bmtard-solve: fewer than 2 seeds)" in q for q in study.verdict(rows))
 
 
 def test_plan_runs_every_arm_and_seed_once_core_comparisons_first() -> None:
