@@ -163,6 +163,28 @@ def evaluate_teacher(args: argparse.Namespace, name: str, spec: str) -> dict[str
 
 
 # --- the search ----------------------------------------------------------------------------------------------
+def timed(cmd: list[str], timing: Path, every_s: float = 60.0) -> int:
+    """Run ``cmd`` and add its wall seconds to ``timing``, saved every ``every_s`` while it runs: a search cut
+    short by a killed session (and resumed by the next one) still counts the time it had spent."""
+    before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    timing.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    try:
+        while True:
+            try:
+                returncode = proc.wait(timeout=every_s)
+                break
+            except subprocess.TimeoutExpired:
+                io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
+    except BaseException:  # Ctrl-C reaches the search too: let it save its state, count the time, then stop
+        proc.wait()
+        io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
+        raise
+    io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
+    return returncode
+
+
 def search(args: argparse.Namespace, strength: str) -> dict[str, Any]:
     """run_tune.py over the ebb space on the validation split, seed 0 (its trials read seed 0's cached clean
     logits); a recorded search is read back, an interrupted one resumed. Returns its summary."""
@@ -185,13 +207,9 @@ def search(args: argparse.Namespace, strength: str) -> dict[str, Any]:
                     *[a for s in [*common_overrides(args), f"teachers.robust.checkpoint={robust}", *scale["set"],
                                   *args.set] for a in ("--set", s)]]
         print(f"search ({strength} teacher): " + " ".join(cmd), flush=True)
-        before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
-        start = time.perf_counter()
-        proc = subprocess.run(cmd)
-        timing.parent.mkdir(parents=True, exist_ok=True)
-        io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
-        if proc.returncode != 0 or not (exp / "summary.json").is_file():
-            raise SystemExit(f"error: the search in {exp} failed (exit {proc.returncode}); rerun to resume it")
+        returncode = timed(cmd, timing)
+        if returncode != 0 or not (exp / "summary.json").is_file():
+            raise SystemExit(f"error: the search in {exp} failed (exit {returncode}); rerun to resume it")
     summary = json.loads((exp / "summary.json").read_text())
     if summary.get("best") is None:
         raise SystemExit(f"error: the search in {exp} finished without a best trial: no tuned arm to train")

@@ -192,3 +192,18 @@ def test_the_strong_teacher_is_judged_by_the_bar_set_before_it_was_trained(tmp_p
     assert "NOT clearly stronger" in study_markdown.strength_check(args)
     records.write_teacher(tmp_path, "robust-strong", {"test": {"clean": 61.2, "pgd_sat": 35.2}})
     assert ": clearly stronger" in study_markdown.strength_check(args)
+
+
+def test_a_search_s_seconds_are_saved_while_it_runs_and_add_up_across_resumes(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import balance_study
+
+    timing = tmp_path / "search" / "seconds.json"
+    # the child reads the file mid-run: exit 0 only if its running time was already saved
+    peek = ("import json, sys, time; time.sleep(0.6); "
+            "sys.exit(0 if json.load(open(sys.argv[1]))['seconds'] > 0.2 else 1)")
+    assert balance_study.timed([sys.executable, "-c", peek, str(timing)], timing, every_s=0.1) == 0
+    first = json.loads(timing.read_text())["seconds"]
+    assert first >= 0.6
+    assert balance_study.timed([sys.executable, "-c", "raise SystemExit(3)"], timing, every_s=0.1) == 3
+    assert json.loads(timing.read_text())["seconds"] > first  # a resumed search adds to what was counted
