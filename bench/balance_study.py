@@ -169,6 +169,9 @@ def timed(cmd: list[str], timing: Path, every_s: float = 60.0) -> int:
     before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
     timing.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+
+    def save() -> None:
+        io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
     proc = subprocess.Popen(cmd)
     try:
         while True:
@@ -176,12 +179,12 @@ def timed(cmd: list[str], timing: Path, every_s: float = 60.0) -> int:
                 returncode = proc.wait(timeout=every_s)
                 break
             except subprocess.TimeoutExpired:
-                io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
+                save()
     except BaseException:  # Ctrl-C reaches the search too: let it save its state, count the time, then stop
         proc.wait()
-        io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
+        save()
         raise
-    io.atomic_text(json.dumps({"seconds": before + time.perf_counter() - start}), timing)
+    save()
     return returncode
 
 
