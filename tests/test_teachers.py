@@ -57,6 +57,15 @@ def test_a_rules_version_bump_retires_every_cached_teacher(tmp_path: Path, monke
     assert all(before[r] != after[r] and before[r].parent.parent == after[r].parent.parent for r in ROLES)
 
 
+def test_a_settings_field_added_later_keeps_the_keys_of_teachers_cached_before_it(tmp_path: Path) -> None:
+    # The cpu preset's robust teacher as the balance study cached it (results/balance-study/teachers.json)
+    # before TeacherConfig.pretrained and data.image_size existed: a new field at its default must not rename
+    # it, or every user's cache would silently train its teachers again.
+    cfg = build_config("cpu", overrides=[f"output_dir={tmp_path}", "data.root=data", "device=cpu"])
+    assert teacher_config(cfg, "robust").name == "robust-small_cnn-sat-4ep-dcc5f063bc92"
+    # Set, the field is in the key: tests/test_model_refs.py (a pretrained timm teacher is another entry).
+
+
 def test_a_teacher_trains_with_its_own_methods_defaults(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "method.name=ard", "method.trades_beta=2", "teachers.robust.train_method=trades")
     robust = teacher_config(cfg, "robust")

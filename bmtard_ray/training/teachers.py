@@ -50,15 +50,21 @@ TEACHER_RULES_VERSION = 2
 _DATA_NOT_IN_KEY = {"root": None, "download": None, "test_subset": None}
 # Keys added after caches were written: left out of the key at these values, so that existing keys stand.
 _DATA_KEY_SINCE = {"image_size": None, "memory_budget_mb": ..., "cache_dir": ...}  # ...: never in the key
+# Teacher settings added after caches were written: left out of the key at their default, so that a teacher
+# cached before them keeps its name (tests/test_teachers.py pins one key).
+_TEACHER_KEY_SINCE = {"pretrained": False}
+
+
+def since(d: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without the keys in ``added`` that hold the value they are left out at (``...``: always left out)."""
+    return {k: v for k, v in d.items() if k not in added or (added[k] is not ... and v != added[k])}
 
 
 def data_key(cfg: RunConfig) -> dict[str, Any]:
     """The data settings that decide a teacher's training set. For imagefolder and npz the name says nothing
     of the images: the key holds the data's own content key (path, files' names, sizes, mtimes, resize)."""
     d = to_dict(cfg.data)
-    key = {k: v for k, v in d.items() if k not in _DATA_KEY_SINCE} | _DATA_NOT_IN_KEY
-    if d.get("image_size") is not None:
-        key["image_size"] = d["image_size"]
+    key = since(d, _DATA_KEY_SINCE) | _DATA_NOT_IN_KEY
     if cfg.data.dataset in REFERENCE_DATASETS:
         key["content"] = scan(cfg.data.dataset, cfg.data.root, cfg.data.image_size).key
     return key
@@ -156,7 +162,7 @@ def teacher_config(cfg: RunConfig, role: str) -> RunConfig:
     # Only what determines the weights goes into the key (not names, folders, evaluation settings, the
     # normalisation of a given checkpoint, or the student's method): runs of different methods share teachers.
     key = {"rules": TEACHER_RULES_VERSION, "role": role,
-           "teacher": to_dict(tc) | {"checkpoint": None, "mean": None, "std": None},
+           "teacher": since(to_dict(tc), _TEACHER_KEY_SINCE) | {"checkpoint": None, "mean": None, "std": None},
            "data": data_key(cfg),
            "attack": None if tc.train_method == "natural" else to_dict(cfg.attack),  # natural training has none
            "method": to_dict(t.method), "optim": {"momentum": cfg.optim.momentum,
