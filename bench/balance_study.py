@@ -211,9 +211,14 @@ def search(args: argparse.Namespace, strength: str) -> dict[str, Any]:
                                   *args.set] for a in ("--set", s)]]
         print(f"search ({strength} teacher): " + " ".join(cmd), flush=True)
         returncode = timed(cmd, timing)
-        if returncode != 0 or not (exp / "summary.json").is_file():
+        if not (exp / "summary.json").is_file():
             raise SystemExit(f"error: the search in {exp} failed (exit {returncode}); rerun to resume it")
     summary = json.loads((exp / "summary.json").read_text())
+    if summary.get("errored"):
+        # The pre-registered search is `trials` trials that ran; TPE's later draws learned from the survivors
+        # only, so rerunning the errored ones would not give it back either: the search starts again.
+        raise SystemExit(f"error: the search in {exp} is not recorded: {summary.get('first_error') or 'trials errored'}"
+                         f"; move {exp.parent} aside and rerun to search again")
     if summary.get("best") is None:
         raise SystemExit(f"error: the search in {exp} finished without a best trial: no tuned arm to train")
     seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else math.nan

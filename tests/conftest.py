@@ -40,13 +40,30 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# Ports handed out come from below the kernel's ephemeral range (32768-60999 here) and above Ray's worker
+# ports (10002-19999): a port the kernel picks for someone's bind(0) or outgoing connection (a Ray process's
+# gRPC server starting meanwhile) can no longer take one between free_port() and its listener's bind, which
+# is how a CI run lost a test cluster's dashboard ("address already in use").
+_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (on loopback)."""
+    """A TCP port nothing listens on right now, never handed out before by this process."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    for port in random.sample(_PORTS, len(_PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # taken on any address also blocks 127.0.0.1
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def head_port_flags(gcs: int, dashboard: int) -> list[str]:

@@ -207,3 +207,21 @@ def test_a_search_s_seconds_are_saved_while_it_runs_and_add_up_across_resumes(tm
     assert first >= 0.6
     assert balance_study.timed([sys.executable, "-c", "raise SystemExit(3)"], timing, every_s=0.1) == 3
     assert json.loads(timing.read_text())["seconds"] > first  # a resumed search adds to what was counted
+
+
+def test_a_search_with_errored_trials_is_refused_not_recorded(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import argparse
+
+    import balance_study
+
+    exp = tmp_path / "out" / "search" / "weak" / balance_study.SPACE
+    exp.mkdir(parents=True)
+    first = "22 of 24 trials errored; the selection is among the others. Trial 2: ModuleNotFoundError: x"
+    (exp / "summary.json").write_text(json.dumps({"trials": 24, "errored": 22, "first_error": first,
+                                                  "best": {"effective": {}}}))
+    args = argparse.Namespace(records=tmp_path / "records", out=tmp_path / "out", scale="smoke")
+    with pytest.raises(SystemExit) as exc:
+        balance_study.search(args, "weak")
+    assert "not recorded: 22 of 24 trials errored" in str(exc.value) and "move" in str(exc.value)
+    assert not (tmp_path / "records").exists()  # nothing recorded

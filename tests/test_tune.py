@@ -226,6 +226,23 @@ def test_single_objective_ranking_puts_errors_and_nan_last() -> None:
     assert [r.trial_id for r in rank(recs, low)] == ["c", "a", "b", "d"]  # only val_robust must be finite
 
 
+def test_errored_trials_are_named_in_one_line_and_make_the_search_exit_1(tmp_path: Path) -> None:
+    from bmtard_ray.api.results import SearchResult
+    from bmtard_ray.cli.tune import exit_status
+    from bmtard_ray.tuning.report import errored_line
+
+    late = record("x", math.nan, math.nan, status="ERROR", number=7)
+    early = record("y", math.nan, math.nan, status="ERROR", number=2)
+    early.error, early.trial_dir = "ModuleNotFoundError: No module named 'gone'", "/exp/trial_y"
+    line = errored_line([late, early], 24)
+    assert "\n" not in line and line.startswith("2 of 24 trials errored")
+    assert "Trial 2: ModuleNotFoundError: No module named 'gone' (traceback: /exp/trial_y/error.txt)" in line
+    best = {"trial_id": "a", "folder": str(tmp_path)}
+    assert exit_status(SearchResult({"best": best, "errored": 0}, tmp_path)) == 0
+    assert exit_status(SearchResult({"best": best, "errored": 2}, tmp_path)) == 1
+    assert exit_status(SearchResult({"best": None, "errored": 0}, tmp_path)) == 1
+
+
 def test_multi_objective_ranking_is_pareto_front_first_then_w_robust() -> None:
     recs = [record("a", 90, 20), record("b", 60, 45), record("c", 70, 30), record("d", 65, 25), record("e", 80, 40)]
     s = settings(objectives=("val_clean", "val_robust"), modes=("max", "max"))

@@ -2,7 +2,8 @@
 
 Every user error (unknown space, malformed YAML, a bad range, --num-samples 0, an objective trials do not
 report, a data folder that is missing, an experiment folder already in use) is found before Ray starts or
-anything is written, and ends as ``error: <one line>`` with exit status 2.
+anything is written, and ends as ``error: <one line>`` with exit status 2. A search that ends with errored
+trials, or with no trial to select, writes its report and exits with status 1.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bmtard_ray.api import search_run as search
+from bmtard_ray.api.results import SearchResult
 from bmtard_ray.api.search_run import SearchOptions
 from bmtard_ray.cli.common import add_config_args, given_shortcuts, guarded, on_interrupt, shortcut_flags
 from bmtard_ray.config import RunConfig, parse_override
@@ -146,7 +148,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         else:
             console.print("[yellow]experiment interrupted before Tune saved its state; nothing to resume[/yellow]")
         return 130
-    return 0 if found.best is not None else 1
+    return exit_status(found)
+
+
+def exit_status(found: SearchResult) -> int:
+    """0 for a whole search with a selected trial; 1 when no trial was selected or some errored: a search
+    with dead trials is not the one asked for, and a script or a job must notice."""
+    return 0 if found.best is not None and not found.summary.get("errored") else 1
 
 
 main = guarded(_main)

@@ -74,6 +74,15 @@ def record_selection(settings: TuneSettings, found: dict[str, Any], final: Final
                             "test_w_robust": final.w_robust | {"n_examples": final.n_examples}})
 
 
+def errored_line(errored: list[TrialRecord], n_trials: int) -> str:
+    """One line on the errored trials: how many, and the first one's error and where its traceback is. A
+    search whose trials died is not the search that was asked for (the selection is among the survivors)."""
+    first = min(errored, key=lambda r: r.number)
+    where = f"{first.trial_dir}/error.txt" if first.trial_dir else "its trial folder"
+    return (f"{len(errored)} of {n_trials} trials errored; the selection is among the others. Trial {first.number}: "
+            f"{first.error or 'no message'} (traceback: {where})")
+
+
 def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[str, Any]:
     exp, records = outcome.experiment_dir, outcome.records
     write_table(records, settings, exp / TABLE)
@@ -92,6 +101,10 @@ def finish(outcome: Outcome, settings: TuneSettings, console: Console) -> dict[s
                                "stopped_early": sum(r.stopped_early for r in records),
                                "pareto_front": sorted(pareto_ids(records, settings)),
                                "storage": settings.storage_url, "best": None}
+    errored = [r for r in records if r.status == "ERROR"]
+    if errored:
+        summary["first_error"] = errored_line(errored, len(records))
+        console.print(f"[red]{summary['first_error']}[/red]", soft_wrap=True)
     if best is None:
         console.print("[red]no trial finished with a finite objective: nothing to evaluate on the test set[/red]")
     else:
