@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,12 @@ def search_line(found: dict[str, Any] | None) -> list[str]:
         return ["Search: not run yet."]
     s, best = found["summary"], found["summary"]["best"]
     chosen = ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best["effective"].items())
-    return [f"Search: {s['trials']} trials ({s['finished']} to the end, {s['stopped_early']} stopped by ASHA), "
-            f"{found['seconds'] / 60:.0f} min. Chosen: {chosen} (validation W-Robust "
-            f"{best['validation']['val_w_robust']:.2f})."]
+    # Which EBB rule the trials drew: TPE can leave one unexplored once its random start has drawn the other.
+    rules = Counter(str(t.get("param.ebb.mode")) for t in found.get("trials", []))
+    tried = ", ".join(f"{rule} {rules.get(rule, 0)}" for rule in ("step", "solve"))
+    return [f"Search: {s['trials']} trials ({s['finished'] - s['stopped_early']} ran every epoch, {s['stopped_early']} "
+            f"stopped early by ASHA, {s.get('errored', 0)} errored), {found['seconds'] / 60:.0f} min; EBB rule per "
+            f"trial: {tried}. Chosen: {chosen} (validation W-Robust {best['validation']['val_w_robust']:.2f})."]
 
 
 def correlation_lines(rows: dict[str, list[dict[str, Any]]], found: dict[str, Any] | None, epochs: int,

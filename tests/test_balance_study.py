@@ -225,3 +225,18 @@ def test_a_search_with_errored_trials_is_refused_not_recorded(tmp_path: Path) ->
         balance_study.search(args, "weak")
     assert "not recorded: 22 of 24 trials errored" in str(exc.value) and "move" in str(exc.value)
     assert not (tmp_path / "records").exists()  # nothing recorded
+
+
+def test_the_search_line_counts_whole_stopped_and_errored_trials_and_the_rules_tried() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import study_markdown
+
+    trials = [{"param.ebb.mode": "solve"}] * 3 + [{"param.ebb.mode": "step"}]
+    found = {"seconds": 600.0, "trials": trials,
+             "summary": {"trials": 4, "finished": 4, "stopped_early": 3, "errored": 0,
+                         "best": {"effective": {"ebb.mode": "solve", "ebb.tau_max": 2.06141},
+                                  "validation": {"val_w_robust": 35.6}}}}
+    line = study_markdown.search_line(found)[0]
+    assert line.startswith("Search: 4 trials (1 ran every epoch, 3 stopped early by ASHA, 0 errored), 10 min")
+    assert "EBB rule per trial: step 1, solve 3." in line and "`ebb.tau_max=2.061`" in line
+    assert study_markdown.search_line(None) == ["Search: not run yet."]
