@@ -426,6 +426,7 @@ def test_plots_are_written_as_png(tmp_path: Path) -> None:
     (["--space", "ebb", "--multi-objective", "--objectives", "val_clean"], "needs at least two metrics"),
     (["--space", "ebb", "--final-attacks", "clean,pgd99"], "unknown attack 'pgd99' in --final-attacks"),
     (["--space", "ebb", "--set", "val_every=2"], "tuning validates and checkpoints every epoch"),
+    (["--space", "ebb", "--set", "ebb.mode=step"], "ebb.mode: searched by space ebb, so a value given with --set"),
     (["--space", "smoke", "--method", "trades", "--final-attacks", "clean,bb_pgd"], "crafted on the robust teacher"),
     (["--space", "ebb", "--epoch-budget", "0"], "--epoch-budget must be >= 1"),
     (["--space", "ebb", "--multi-objective", "--mode", "min"], "--objective/--mode are for one metric"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bmtard_ray.api.configs import ConfigLike, layer
+from bmtard_ray.api.configs import ConfigLike, dotted, layer
 from bmtard_ray.api.results import SearchResult
 from bmtard_ray.config import RunConfig, build_config, nest, teacher_cache_dir, to_dict
 from bmtard_ray.errors import ConfigError
@@ -90,6 +90,12 @@ def base_config(opts: SearchOptions, space: SearchSpace) -> RunConfig:
                               "files with a mapping of keys instead")
         cfg = build_config(None, (), extra=[to_dict(opts.config), nest(space.base_set)])
     else:
+        # A key the space searches takes each trial's value: one given here would be silently replaced.
+        fixed = sorted(set(dotted(opts.config or {})) & {p.key for p in space.params})
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)}: searched by space {space.name}, so a value given with --set (or "
+                              f"config) would be replaced by each trial's; to fix it, copy the space file, move the "
+                              f"key to its base.set and pass the copy to --space")
         cfg = build_config(preset_of(opts, space), list(opts.config_files),
                            extra=[nest(space.base_set), layer(opts.config)])
     # Tuning needs a validation score every epoch (ASHA compares trials at each rung, Optuna records the
