@@ -113,6 +113,12 @@ def correlation_lines(rows: dict[str, list[dict[str, Any]]], found: dict[str, An
              "bootstrap interval over the curves.", "", "| epoch | " + " | ".join(str(e) for e, *_ in corr) + " |",
              "|---|" + "---:|" * len(corr),
              "| Spearman | " + " | ".join(f"{rho:.2f} [{lo:.2f}, {hi:.2f}]" for _, rho, lo, hi in corr) + " |"]
+    runs_only = rank_correlations(curves_of(rows, None, epochs)[0])
+    if n_trials and runs_only:
+        # The search trials that ran every epoch are those ASHA promoted on their early values: a selection
+        # that narrows their early spread. The runs alone carry none.
+        lines.append(f"| Spearman, the {n_runs} runs alone | "
+                     + " | ".join(f"{rho:.2f} [{lo:.2f}, {hi:.2f}]" for _, rho, lo, hi in runs_only) + " |")
     chance, moderate = (first_agreeing_epoch(corr, f) for f in (0.0, 0.5))
 
     def said(e: int | None) -> str:

@@ -240,3 +240,19 @@ def test_the_search_line_counts_whole_stopped_and_errored_trials_and_the_rules_t
     assert line.startswith("Search: 4 trials (1 ran every epoch, 3 stopped early by ASHA, 0 errored), 10 min")
     assert "EBB rule per trial: step 1, solve 3." in line and "`ebb.tau_max=2.061`" in line
     assert study_markdown.search_line(None) == ["Search: not run yet."]
+
+
+def test_the_correlations_show_the_runs_alone_beside_runs_and_search_trials() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import study_markdown
+
+    def curve(i: int) -> dict:
+        return {"history": [{"val_w_robust": float(v)} for v in (i % 3, i, 2 * i, i + 1)]}
+
+    rows = {"mtard": [curve(i) for i in range(3)], "bmtard-step": [curve(i) for i in range(3, 6)]}
+    found = {"trials": [curve(i) for i in range(6, 10)] + [{"history": [{"val_w_robust": 1.0}]}]}  # 1 stopped
+    lines = study_markdown.correlation_lines(rows, found, 4, 1)
+    assert "6 runs and 4 search trials that ran every epoch" in lines[0]
+    alone = [line for line in lines if line.startswith("| Spearman, the 6 runs alone |")]
+    assert len(alone) == 1 and alone[0].endswith("| 1.00 [1.00, 1.00] |")
+    assert not any("alone" in line for line in study_markdown.correlation_lines(rows, None, 4, 1))
