@@ -48,6 +48,15 @@ _PORTS = range(20000, 32768)
 _handed_out: set[int] = set()
 
 
+def one_line(exc: pytest.ExceptionInfo[BaseException], *needles: str) -> str:
+    """The error's message, which must be one line holding every needle."""
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now, never handed out before by this process."""
     import random

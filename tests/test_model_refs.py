@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line
 from safetensors.torch import save_file
 
 from bmtard_ray.config import build_config, from_dict, to_dict
@@ -32,14 +33,6 @@ REPO = HERE.parent
 TIMM = "timm:test_resnet"  # timm's own test model: 0.4 M parameters, takes 32x32 images
 USER = "user_models:tiny_net"
 STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-
-def one_line(exc: pytest.ExceptionInfo[BaseException], *needles: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
 
 
 def plain(model: torch.nn.Module) -> torch.nn.Module:

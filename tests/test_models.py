@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import one_line
 
 from bmtard_ray.errors import CheckpointError, ConfigError
 from bmtard_ray.models import (
@@ -40,14 +41,6 @@ def _build(name: str, k: int = 10, **kw: object) -> nn.Module:
     if name == "wrn70_16":  # same code path, tiny depth and width
         return DMWideResNet(10, 1, k, **kw)  # type: ignore[arg-type]
     return build_model(name, k, **kw)  # type: ignore[arg-type]
-
-
-def _one_line_error(excinfo: pytest.ExceptionInfo[CheckpointError], *needles: str) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------------------------- build_model
@@ -203,7 +196,7 @@ def test_missing_pyautoattack_says_how_to_install(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ckpt_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError) as e:
         pyautoattack_resnet18_path()
-    _one_line_error(e, "pyautoattack", "pip install pyautoattack")
+    one_line(e, "pyautoattack", "pip install pyautoattack")
 
 
 def test_resnet56_has_akamaster_keys_and_option_a_shortcuts(tmp_path: Path) -> None:
@@ -374,7 +367,7 @@ def test_key_picks_one_entry(tmp_path: Path) -> None:
     torch.testing.assert_close(model.fc.weight, a.fc.weight)
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "c.pt", key="swa")
-    _one_line_error(e, "no entry 'swa'", "ema", "model")
+    one_line(e, "no entry 'swa'", "ema", "model")
 
 
 def test_old_checkpoints_without_num_batches_tracked_load(tmp_path: Path) -> None:
@@ -402,7 +395,7 @@ def test_truncated_checkpoints(tmp_path: Path) -> None:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(CheckpointError) as e:
             load_weights(model, tmp_path / name)
-        _one_line_error(e, str(tmp_path / name), "truncated or corrupt")
+        one_line(e, str(tmp_path / name), "truncated or corrupt")
         assert _unchanged(model, before)
 
 
@@ -414,7 +407,7 @@ def test_html_page_saved_as_checkpoint(tmp_path: Path, page: str) -> None:
     (tmp_path / "model.pt").write_text(page)
     with pytest.raises(CheckpointError) as e:
         load_weights(build_model("tiny_cnn", 10), tmp_path / "model.pt")
-    _one_line_error(e, "is a web page (HTML), not a checkpoint", "login/confirm page")
+    one_line(e, "is a web page (HTML), not a checkpoint", "login/confirm page")
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -427,7 +420,7 @@ def test_files_that_are_not_checkpoints(tmp_path: Path, content: bytes, needle: 
     (tmp_path / "x.pt").write_bytes(content)
     with pytest.raises(CheckpointError) as e:
         read_state_dict(tmp_path / "x.pt")
-    _one_line_error(e, needle)
+    one_line(e, needle)
 
 
 def test_wrong_class_count_names_both_counts(tmp_path: Path) -> None:
@@ -436,7 +429,7 @@ def test_wrong_class_count_names_both_counts(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "c100.pt")
-    _one_line_error(e, "c100.pt has 100 classes, model 'resnet18' has 10")
+    one_line(e, "c100.pt has 100 classes, model 'resnet18' has 10")
     assert _unchanged(model, before)
 
 
@@ -446,7 +439,7 @@ def test_other_architecture_says_what_it_looks_like(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "r18.pt")
-    msg = _one_line_error(e, "does not fit model 'mobilenetv2'", "looks like a 'resnet18' checkpoint",
+    msg = one_line(e, "does not fit model 'mobilenetv2'", "looks like a 'resnet18' checkpoint",
                           "missing keys, e.g. ", "unexpected keys, e.g. ")
     assert "layers.0.conv1.weight" in msg and "layer1.0.conv1.weight" in msg
     assert _unchanged(model, before)
@@ -454,7 +447,7 @@ def test_other_architecture_says_what_it_looks_like(tmp_path: Path) -> None:
     torch.save(WideResNet(10, 3, 10).state_dict(), tmp_path / "wrn10_3.pt")
     with pytest.raises(CheckpointError) as e:
         load_weights(WideResNet(10, 2, 10), tmp_path / "wrn10_3.pt")
-    _one_line_error(e, "block1.layer.0.conv1.weight has shape (48, 16, 3, 3) in the checkpoint, (32, 16, 3, 3) "
+    one_line(e, "block1.layer.0.conv1.weight has shape (48, 16, 3, 3) in the checkpoint, (32, 16, 3, 3) "
                        "in the model")
 
 
@@ -462,21 +455,21 @@ def test_missing_path_directory_pickled_model_and_nan(tmp_path: Path) -> None:
     model = build_model("tiny_cnn", 10)
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "nope.pt")
-    _one_line_error(e, "nope.pt not found")
+    one_line(e, "nope.pt not found")
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path)
-    _one_line_error(e, "is a directory")
+    one_line(e, "is a directory")
     torch.save(build_model("tiny_cnn", 10), tmp_path / "whole.pt")  # a pickled nn.Module, not a state dict
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "whole.pt")
-    _one_line_error(e, "pickled Python objects", "model.state_dict()")
+    one_line(e, "pickled Python objects", "model.state_dict()")
     torch.save({"epoch": 3, "best_acc": 0.9}, tmp_path / "meta.pt")
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "meta.pt")
-    _one_line_error(e, "holds no state dict", "best_acc, epoch")
+    one_line(e, "holds no state dict", "best_acc, epoch")
     sd = build_model("tiny_cnn", 10).state_dict()
     sd["fc.bias"][3] = float("nan")
     torch.save(sd, tmp_path / "nan.pt")
     with pytest.raises(CheckpointError) as e:
         load_weights(model, tmp_path / "nan.pt")
-    _one_line_error(e, "NaN or infinite values in fc.bias")
+    one_line(e, "NaN or infinite values in fc.bias")
