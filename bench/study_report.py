@@ -25,7 +25,9 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
     base, aa = record["suite"]["suite"], record["suite"].get("autoattack")
     summary = record["summary"]
     return {"seed": record["seed"], "accuracy": base["accuracy"], "w_robust": base["w_robust"], "aa": aa,
-            "train_seconds": summary.get("wall_seconds", summary.get("train_seconds")),
+            # wall_seconds (training, validation and setup) counts only the part after a restart, while
+            # train_seconds sums every epoch's training: the larger is the nearer to the whole run's time
+            "train_seconds": max(summary.get("wall_seconds", 0.0), summary["train_seconds"]),
             "eval_seconds": sum(base["seconds"].values()) + (sum(aa["seconds"].values()) if aa else 0.0),
             "final_tau": summary.get("final_tau"), "history": record["history"], "trace": record["trace"]}
 
@@ -36,6 +38,21 @@ def metric(row: dict[str, Any], name: str) -> float:
     if name == "w_aa":
         return row["aa"]["w_robust"]["autoattack"] if row["aa"] else math.nan
     return row["w_robust"][name]
+
+
+def run_seconds(row: dict[str, Any]) -> float:
+    """One run's machine seconds: training (wall clock, with its per-epoch validation) plus the test suite."""
+    return float(row["train_seconds"] + row["eval_seconds"])
+
+
+def unshared_hours(by_arm: dict[str, list[dict[str, Any]]]) -> float:
+    """What a part costs on a machine it has to itself: each arm's fastest run times its runs, summed.
+
+    The as-run sum also counts every stretch a run spent paused (the study is stopped with SIGSTOP while CI's
+    full run is measured beside it) or sharing the cores with tests; the seeds of an arm do the same work, so
+    the fastest of them is the least disturbed (the usual minimum-of-repeats estimate). Taking it per arm keeps
+    what one arm pays that the others do not (the first arm of a seed fills the clean teacher's logit cache)."""
+    return sum(min(run_seconds(r) for r in rs) * len(rs) for rs in by_arm.values() if rs) / 3600
 
 
 # --- gaps and the pre-registered reading rule ----------------------------------------------------------------

@@ -256,3 +256,20 @@ def test_the_correlations_show_the_runs_alone_beside_runs_and_search_trials() ->
     alone = [line for line in lines if line.startswith("| Spearman, the 6 runs alone |")]
     assert len(alone) == 1 and alone[0].endswith("| 1.00 [1.00, 1.00] |")
     assert not any("alone" in line for line in study_markdown.correlation_lines(rows, None, 4, 1))
+
+
+def test_the_unshared_cost_drops_paused_runs_but_keeps_what_one_arm_alone_pays() -> None:
+    """Runs paused for an hour (SIGSTOP while CI ran) must not inflate what a part costs on a machine of its
+    own, while the arm that fills the logit cache (dearer on every seed) still counts at its own price."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import study_report
+
+    def run(train: float) -> dict:
+        return {"train_seconds": train, "eval_seconds": 100.0}
+
+    by_arm = {"mtard": [run(500.0), run(520.0), run(510.0)],            # fills the cache: dearer
+              "bmtard-step": [run(2200.0), run(3800.0), run(220.0)]}    # seeds 0 and 1 were paused
+    assert study_report.run_seconds(run(200.0)) == 300.0
+    assert study_report.unshared_hours(by_arm) == pytest.approx((600.0 * 3 + 320.0 * 3) / 3600)
+    assert sum(map(study_report.run_seconds, [r for rs in by_arm.values() for r in rs])) / 3600 > 2.0
+    assert study_report.unshared_hours({}) == 0.0
