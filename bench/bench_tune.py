@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {method} | {fmt([r['best_val'] for r in rs])} | {fmt([r['test'] for r in rs])} | "
               f"{fmt([r['trials'] for r in rs])} | {fmt([r['epochs'] for r in rs])} | "
               f"{fmt([r['stopped'] for r in rs])} | {fmt([r['wall_s'] for r in rs])} |")
-    (out / "bench_tune.json").write_text(json.dumps(results, indent=2))
+    from bmtard_ray.runtime.fileio import atomic_text
+
+    atomic_text(json.dumps(results, indent=2), out / "bench_tune.json")
     return 0
 
 

@@ -167,8 +167,7 @@ def plots(out: Path, prefix: str, rows: dict[str, list[dict[str, Any]]], bmtard_
     ax.legend()
     ax.set_title("Clean vs robust accuracy, one point per seed")
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / f"{prefix}_clean_vs_robust.png", dpi=120)
+    fileio.atomic_figure(fig, out / f"{prefix}_clean_vs_robust.png", dpi=120)
     files.append(f"{prefix}_clean_vs_robust.png")
     if bmtard_run is not None and (bmtard_run / "trace.parquet").is_file():
         t = pq.read_table(bmtard_run / "trace.parquet").to_pydict()
@@ -189,7 +188,7 @@ def plots(out: Path, prefix: str, rows: dict[str, list[dict[str, Any]]], bmtard_
             a.set_xlabel("iteration")
             a.legend()
         fig.tight_layout()
-        fig.savefig(out / f"{prefix}_bmtard_balance.png", dpi=120)
+        fileio.atomic_figure(fig, out / f"{prefix}_bmtard_balance.png", dpi=120)
         files.append(f"{prefix}_bmtard_balance.png")
     return files
 
@@ -345,7 +344,7 @@ def compare(args: argparse.Namespace) -> int:
                 start = time.perf_counter()
                 summary = run_local(cfg, overwrite=True)
                 summary["wall_seconds"] = time.perf_counter() - start
-                (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+                fileio.atomic_text(json.dumps(summary, indent=2, default=str), run / "summary.json")
             result, eval_seconds = suite(args, run, robust_ckpt)
             rows.setdefault(method, []).append(result)
             wall.setdefault(method, []).append(summary.get("wall_seconds", summary["train_seconds"]) + eval_seconds)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bmtard_ray.runtime.fileio import atomic_figure
+
 PRIMARY = "pgd_sat"     # W-Robust under PGD-20 on the test split (decided before running; RESULTS.md)
 BASELINES = ("sat", "trades")
 TEACHER_ARMS = ("mtard", "bmtard-step", "bmtard-step-large", "bmtard-solve", "bmtard-tuned")
@@ -240,8 +242,7 @@ def figure(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Pat
         a.set_xlabel("iteration")
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     # No creation software/date in the file: the same records give the same bytes.
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    atomic_figure(fig, path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path

@@ -17,10 +17,10 @@ import torch
 from bmtard_ray.errors import CheckpointError
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> Path:
+def _atomic(path: Path, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -37,6 +37,11 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
 def atomic_text(text: str, path: Path) -> Path:
     return _atomic(path, lambda p: p.write_text(text))
+
+
+def atomic_figure(fig: Any, path: Path, **savefig: Any) -> Path:
+    """A matplotlib figure saved whole or not at all (the temporary name keeps the suffix that picks the format)."""
+    return _atomic(path, lambda p: fig.savefig(p, **savefig), suffix=f".tmp{Path(path).suffix}")
 
 
 def atomic_parquet(table: Any, path: Path) -> Path:

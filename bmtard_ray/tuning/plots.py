@@ -13,16 +13,14 @@ matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from bmtard_ray.runtime.fileio import atomic_figure  # noqa: E402
 from bmtard_ray.tuning.results import TrialRecord, pareto_ids  # noqa: E402
 from bmtard_ray.tuning.settings import TuneSettings  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    atomic_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)  # atomic, like every other result file
     return path
 
 
