@@ -124,9 +124,9 @@ def correlation_lines(rows: dict[str, list[dict[str, Any]]], found: dict[str, An
     chance, moderate = (first_agreeing_epoch(corr, f) for f in (0.0, 0.5))
 
     def said(e: int | None) -> str:
-        return f"epoch {e}" if e is not None else "no epoch before the last"
-    lines += ["", f"Reading: the first epoch whose ranking agrees with the final one beyond chance (interval above 0) "
-              f"is {said(chance)}; at least moderately (interval above 0.5), {said(moderate)}. ASHA first ranks "
+        return f"at epoch {e}" if e is not None else "at no epoch before the last"
+    lines += ["", f"Reading: an epoch's ranking first agrees with the final one beyond chance (interval above 0) "
+              f"{said(chance)}, and at least moderately (interval above 0.5) {said(moderate)}. ASHA first ranks "
               f"trials at its grace period (`--grace-period`, {grace} in this study's searches)."]
     return lines
 
