@@ -126,8 +126,10 @@ def strength_answer(by_strength: dict[str, dict[str, list[dict[str, Any]]]]) -> 
     if any(a.startswith("cannot") for a in (*aw, *as_)):
         head = "cannot be read yet (a question is unanswered at one strength)"
     else:
-        changed = [i + 1 for i in range(2) if aw[i].split(":")[0] != as_[i].split(":")[0]]
-        head = (f"**yes**: question {' and '.join(map(str, changed))} is answered differently" if changed
+        # The rule compares the yes/no alone: "**no** (clearly worse than MTARD: ...)" is still a no.
+        changed = [i + 1 for i in range(2) if aw[i].startswith("**yes**") != as_[i].startswith("**yes**")]
+        which = "question 1 is" if changed == [1] else "question 2 is" if changed == [2] else "questions 1 and 2 are"
+        head = (f"**yes**: {which} answered differently" if changed
                 else "**no**: both questions get the same answer")
     lines = [f"- Does the answer change with the teacher's strength? {head}. Change of each arm's gap to MTARD "
              f"on the primary metric ({sn} minus {wn}):"]

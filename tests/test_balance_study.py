@@ -123,6 +123,23 @@ def test_verdict_follows_the_rule_written_before_the_study() -> None:
     assert all("cannot be read yet (bmtard-solve: fewer than 2 seeds)" in q for q in study.verdict(rows))
 
 
+def test_the_third_question_compares_the_yes_or_no_alone() -> None:
+    """"no (clearly worse than MTARD: ...)" at one strength and a bare "no" at the other is the same answer:
+    the pre-registered rule reads yes/no. A yes at one strength only is a change."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import study_report as study
+
+    noise = [30.0, 31.0, 30.5]
+    level = _rows(mtard=noise, bmtard_step=noise, bmtard_step_large=noise, bmtard_solve=noise, bmtard_tuned=noise)
+    worse = {**level, **_rows(bmtard_solve=[20.0, 21.0, 20.5])}
+    better = {**level, **_rows(bmtard_solve=[35.0, 36.0, 35.5])}
+    same = study.strength_answer({"weak": worse, "strong": level})
+    assert same[0].startswith("- Does the answer change with the teacher's strength? **no**: both questions")
+    assert "`bmtard-solve` +10.00 ± " in same[3] and same[3].endswith("(clear)")
+    changed = study.strength_answer({"weak": worse, "strong": better})[0]
+    assert "**yes**: questions 1 and 2 are answered differently" in changed
+
+
 def test_plan_runs_every_arm_and_seed_once_core_comparisons_first() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     import argparse
