@@ -100,3 +100,16 @@ def test_a_missing_or_nan_value_is_not_reported(tmp_path: Path, bad: float | Non
     s.on_trial_complete("a", result={"epoch": 1, "val_w_robust": bad})
     t = s.study.trials[0]
     assert t.state == TrialState.PRUNED and t.intermediate_values == {} and t.value is None
+
+
+def test_startup_draws_counts_each_categorical_value_over_seeds() -> None:
+    """bench/startup_draws.py, which the README cites for how often TPE's random start misses a value."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "bench" / "startup_draws.py"), "--space", "ebb",
+                          "--seeds", "3", "--draws", "4"], capture_output=True, text=True, check=True).stdout
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| ebb.mode |")}
+    assert set(rows) == {"step", "solve"}
+    assert sum(int(r.split("|")[3]) for r in rows.values()) == 3 * 4
